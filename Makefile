@@ -1,0 +1,37 @@
+# iotd: `make run` starts the daemon, `make test` runs the tests, `make bench` the benchmarks.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+CONFIG ?= etc/iotd.ini
+
+.PHONY: run test bench install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+SOURCES := setup.cfg pyproject.toml $(shell find iotd twisted -name '*.py' -o -name '*.sql' 2>/dev/null)
+
+$(VENV)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install --quiet --force-reinstall --no-deps . && $(BIN)/pip install --quiet .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(BIN)/twistd --nodaemon --pidfile= iotd --config $(CONFIG)
+
+test: install-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install-test
+	@command -v socat >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq socat >/dev/null) ) || echo "socat could not be installed: relay peers will be skipped"
+	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

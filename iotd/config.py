@@ -1,0 +1,281 @@
+"""The ini file, validated once at start-up into frozen attrs classes.
+
+Every section and key the daemon knows is listed here with its type and
+default; nothing else reads the file.  A mistake raises :class:`ConfigError`
+whose text is one line: ``iotd: config error: [section] key: why``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import os
+from typing import Any, Callable
+
+import attrs
+
+
+class ConfigError(Exception):
+    """A bad config file; ``str()`` is the one line printed to the user."""
+
+    def __init__(self, section: str, key: str | None, why: str, path: str | None = None):
+        where = f"[{section}]" + (f" {key}" if key else "")
+        prefix = f"{path}: " if path else ""
+        super().__init__(f"iotd: config error: {prefix}{where}: {why}")
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _int_min(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_min(minimum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if not value >= minimum:
+            raise ValueError(f"must be at least {minimum:g}, got {text.strip()}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+def _endpoints(text: str) -> tuple[str, ...]:
+    words = tuple(text.split())
+    for word in words:
+        kind = word.split(":", 1)[0]
+        if kind not in ("tcp", "tcp6", "ssl", "unix", "systemd"):
+            raise ValueError(f"unknown endpoint type {kind!r} in {word!r}")
+        if kind == "ssl":
+            for part in word.split(":")[1:]:
+                if "=" in part:
+                    name, value = part.split("=", 1)
+                    if name in ("privateKey", "certKey", "extraCertChain", "caCertsDir") and not os.access(value, os.R_OK):
+                        raise ValueError(f"cannot read {name} file {value!r}")
+    return words
+
+
+def _cidrs(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for word in text.replace(",", " ").split():
+        try:
+            nets.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise ValueError(f"not a CIDR network: {word!r}") from None
+    return tuple(nets)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.strip().split("-"))
+    except ValueError:
+        raise ValueError(f"expected LOW-HIGH, got {text!r}") from None
+    if not (1 <= low <= 65535 and 1 <= high <= 65535):
+        raise ValueError("ports must be 1-65535")
+    if low > high:
+        raise ValueError(f"range is backwards: {low} > {high}")
+    return (low, high)
+
+
+def _level(text: str) -> str:
+    low = text.strip().lower()
+    if low not in ("debug", "info", "warn", "error"):
+        raise ValueError(f"expected debug, info, warn or error, got {text!r}")
+    return low
+
+
+@attrs.frozen
+class IotdSection:
+    data_dir: str = "var"
+    tenant: str = "default"
+    log_level: str = "info"
+
+
+@attrs.frozen
+class HttpSection:
+    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+    max_body_bytes: int = 1048576
+    cors_origins: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class PushSection:
+    enabled: bool = True
+    command_timeout: float = 60.0
+    max_attempts: int = 3
+    offline_after: float = 90.0
+    auto_register: bool = True
+    tenant: str = "default"
+    listen: tuple[str, ...] = ()
+    allowed_sources: tuple[Any, ...] = ()
+
+
+@attrs.frozen
+class DeviceLinkSection:
+    enabled: bool = True
+    interface: str = "127.0.0.1"
+    public_host: str = ""
+    port_range: tuple[int, int] = (40000, 40099)
+    max_links: int = 100
+    connect_timeout: float = 10.0
+    default_timeout_ms: int = 0
+    unused_ttl: float = 60.0
+    allowed_device_networks: tuple[Any, ...] = ()
+
+
+@attrs.frozen
+class WebsocketSection:
+    idle_timeout: float = 60.0
+    max_buffer_bytes: int = 1048576
+    replay_limit: int = 100000
+    max_connections: int = 20000
+    max_connections_per_address: int = 0
+
+
+@attrs.frozen
+class RetentionSection:
+    events_days: float = 30.0
+
+
+@attrs.frozen
+class Config:
+    iotd: IotdSection = IotdSection()
+    http: HttpSection = HttpSection()
+    push: PushSection = PushSection()
+    devicelink: DeviceLinkSection = DeviceLinkSection()
+    websocket: WebsocketSection = WebsocketSection()
+    retention: RetentionSection = RetentionSection()
+    path: str | None = None
+
+    @property
+    def database_path(self) -> str:
+        return os.path.join(self.iotd.data_dir, "iotd.sqlite3")
+
+    @property
+    def admin_key_path(self) -> str:
+        return os.path.join(self.iotd.data_dir, "admin.key")
+
+
+# section -> (attrs class, {key: parser})
+SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
+    "iotd": (IotdSection, {"data_dir": _nonempty, "tenant": _nonempty, "log_level": _level}),
+    "http": (
+        HttpSection,
+        {"listen": _endpoints, "max_body_bytes": _int_min(1), "cors_origins": _words},
+    ),
+    "push": (
+        PushSection,
+        {
+            "enabled": _bool,
+            "command_timeout": _float_min(0.001),
+            "max_attempts": _int_min(1),
+            "offline_after": _float_min(0.001),
+            "auto_register": _bool,
+            "tenant": _nonempty,
+            "listen": _endpoints,
+            "allowed_sources": _cidrs,
+        },
+    ),
+    "devicelink": (
+        DeviceLinkSection,
+        {
+            "enabled": _bool,
+            "interface": _nonempty,
+            "public_host": _text,
+            "port_range": _port_range,
+            "max_links": _int_min(1),
+            "connect_timeout": _float_min(0.001),
+            "default_timeout_ms": _int_min(0),
+            "unused_ttl": _float_min(0.001),
+            "allowed_device_networks": _cidrs,
+        },
+    ),
+    "websocket": (
+        WebsocketSection,
+        {
+            "idle_timeout": _float_min(0.001),
+            "max_buffer_bytes": _int_min(1024),
+            "replay_limit": _int_min(1),
+            "max_connections": _int_min(1),
+            "max_connections_per_address": _int_min(0),
+        },
+    ),
+    "retention": (RetentionSection, {"events_days": _float_min(0)}),
+}
+
+
+def parse_text(text: str, path: str | None = None) -> Config:
+    """Parse ini text into a :class:`Config`, or raise :class:`ConfigError`."""
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";", "#"), strict=True
+    )
+    parser.optionxform = str  # keys are case-sensitive, as documented
+    try:
+        parser.read_string(text, source=path or "<config>")
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(e.section, e.option, "given twice", path) from None
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(e.section, None, "section given twice", path) from None
+    except configparser.Error as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError("?", None, f"not an ini file: {first}", path) from None
+    sections: dict[str, Any] = {}
+    for section in parser.sections():
+        if section not in SCHEMA:
+            raise ConfigError(section, None, "unknown section", path)
+        cls, keys = SCHEMA[section]
+        values = {}
+        for key, raw in parser.items(section):
+            if key not in keys:
+                raise ConfigError(section, key, "unknown key", path)
+            try:
+                values[key] = keys[key](raw)
+            except ValueError as e:
+                raise ConfigError(section, key, str(e), path) from None
+        sections[section] = cls(**values)
+    return Config(path=path, **sections)
+
+
+def load(path: str | None) -> Config:
+    """Read and validate the file at ``path``; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("iotd", None, f"cannot read config file: {e.strerror}", path) from None
+    return parse_text(text, path)

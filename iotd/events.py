@@ -1,0 +1,201 @@
+"""The event log and the live bus.
+
+Everything that happens to a device is one :class:`Event` in one log.
+:meth:`EventLog.append` commits events (group commit), then publishes them
+on the :class:`Bus` in id order, then answers the caller: an acknowledged
+event is stored, and every live subscriber saw it before the ack.
+
+Subscribers that need history use the *no-gap* recipe, which
+:meth:`EventLog.follow` packages: subscribe first (buffering live events),
+read stored events, then drain the buffer skipping ids already sent.
+Publication happens in the reactor thread in commit order, so this has no
+gap and no duplicate.
+
+The bus is an interface a Redis-backed bus can implement later: it only
+needs ``subscribe`` and ``publish``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterable
+
+import attrs
+
+from iotd import metrics
+from iotd.logs import Logger
+from iotd.store import events as evsql
+from iotd.timefmt import iso
+
+KINDS = ("packet", "reading", "ota", "action", "conn")
+
+
+@attrs.define(eq=False, slots=True)
+class Event:
+    id: int
+    tenant: str
+    kind: str
+    device: str
+    inserted_us: int
+    data: dict[str, Any]
+    _body: dict[str, Any] | None = None
+    cache: dict[str, Any] = attrs.Factory(dict)  # per-event serializations shared by all sockets
+
+    @property
+    def inserted_at(self) -> str:
+        return iso(self.inserted_us)
+
+    def body(self) -> dict[str, Any]:
+        """The event as the REST API and the event sockets show it."""
+        if self._body is None:
+            body = {"id": self.id, "device_id": self.device, "inserted_at": self.inserted_at}
+            body.update(self.data)
+            self._body = body
+        return self._body
+
+    def encoded(self, key: str, make: Callable[["Event"], bytes]) -> bytes:
+        """``make(self)`` computed once per event for all sockets that share ``key``."""
+        value = self.cache.get(key)
+        if value is None:
+            value = self.cache[key] = make(self)
+        return value
+
+    @classmethod
+    def from_row(cls, row: evsql.Row) -> "Event":
+        return cls(id=row[0], tenant=row[1], kind=row[2], device=row[3], inserted_us=row[4], data=row[5])
+
+
+Listener = Callable[[Event], None]
+
+
+class Subscription:
+    def __init__(self, bus: "Bus", tenant: str | None, kinds: frozenset[str] | None, deliver: Listener):
+        self.bus, self.tenant, self.kinds, self.deliver = bus, tenant, kinds, deliver
+
+    def cancel(self) -> None:
+        self.bus._remove(self)
+
+
+class Bus:
+    """In-process live bus: ``deliver(event)`` for each matching subscriber.
+
+    Subscriptions are indexed by tenant so an event costs only the
+    subscribers of its tenant; per-socket filtering is the job's (a job
+    should subscribe once and index its own sockets).
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._by_tenant: dict[str | None, list[Subscription]] = {}
+
+    def subscribe(self, deliver: Listener, tenant: str | None = None,
+                  kinds: Iterable[str] | None = None) -> Subscription:
+        sub = Subscription(self, tenant, frozenset(kinds) if kinds is not None else None, deliver)
+        self._by_tenant.setdefault(tenant, []).append(sub)
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        subs = self._by_tenant.get(sub.tenant)
+        if subs and sub in subs:
+            subs.remove(sub)
+
+    def publish(self, events: list[Event]) -> None:
+        for event in events:
+            metrics.events_published.labels(event.kind).inc()
+            for tenant in (event.tenant, None):
+                for sub in tuple(self._by_tenant.get(tenant, ())):
+                    if sub.kinds is None or event.kind in sub.kinds:
+                        try:
+                            sub.deliver(event)
+                        except Exception:
+                            self.log.failure("event subscriber failed on event {id}", id=event.id)
+
+
+class Follower:
+    """Replay-then-live for one consumer: see :meth:`EventLog.follow`."""
+
+    def __init__(self, log: "EventLog", tenant: str, kinds: Iterable[str], after_id: int,
+                 deliver: Listener, devices: Callable[[], Iterable[str] | None] | None = None,
+                 page: int = 500):
+        self._log = log
+        self.tenant = tenant
+        self.kinds = tuple(kinds)
+        self.last_id = after_id
+        self._deliver = deliver
+        self._devices = devices
+        self._page = page
+        self._buffer: list[Event] | None = []
+        self._sub = log.bus.subscribe(self._live, tenant=tenant, kinds=self.kinds)
+
+    def _live(self, event: Event) -> None:
+        if self._buffer is not None:
+            self._buffer.append(event)
+        elif event.id > self.last_id:
+            self.last_id = event.id
+            self._deliver(event)
+
+    async def replay_page(self) -> list[Event]:
+        """The next page of stored events after ``last_id`` (empty when caught up).
+
+        The caller sends them (at its own pace) and calls again; when it gets
+        an empty page it calls :meth:`go_live`.
+        """
+        devices = self._devices() if self._devices is not None else None
+        events = await self._log.read(self.tenant, self.kinds, self.last_id, self._page, devices)
+        if events:
+            self.last_id = events[-1].id
+        return events
+
+    def go_live(self) -> None:
+        """Send what arrived during the replay (skipping what replay sent), then live."""
+        buffered, self._buffer = self._buffer or [], None
+        for event in buffered:
+            if event.id > self.last_id:
+                self.last_id = event.id
+                self._deliver(event)
+
+    def cancel(self) -> None:
+        self._sub.cancel()
+        self._buffer = None
+
+
+class EventLog:
+    log = Logger()
+
+    def __init__(self, store: Any, bus: Bus | None = None):
+        self.store = store
+        self.bus = bus if bus is not None else Bus()
+
+    async def append(self, items: list[tuple[str, str, str, dict[str, Any]]]) -> list[Event]:
+        """Commit ``(tenant, kind, device, data)`` items as one transaction, publish, return."""
+        d = self.store.write(evsql.insert, items)
+        d.addCallback(self._committed)
+        return await d
+
+    def _committed(self, rows: list[evsql.Row]) -> list[Event]:
+        events = [Event.from_row(r) for r in rows]
+        self.bus.publish(events)
+        return events
+
+    async def read(self, tenant: str, kinds: Iterable[str], after_id: int, limit: int,
+                   devices: Iterable[str] | None = None) -> list[Event]:
+        rows = await self.store.read(evsql.read, tenant, list(kinds), after_id, limit,
+                                     list(devices) if devices is not None else None)
+        return [Event.from_row(r) for r in rows]
+
+    async def id_at(self, micros: int) -> int:
+        """The id to resume after for "events strictly later than ``micros``"."""
+        return await self.store.read(evsql.last_id_at_or_before, micros)
+
+    def follow(self, tenant: str, kinds: Iterable[str], after_id: int, deliver: Listener,
+               devices: Callable[[], Iterable[str] | None] | None = None, page: int = 500) -> Follower:
+        """Start following: live events buffer while the caller pages through history."""
+        return Follower(self, tenant, kinds, after_id, deliver, devices, page)
+
+    async def prune(self, before_us: int) -> int:
+        return await self.store.write(evsql.prune, before_us)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

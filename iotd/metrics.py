@@ -1,0 +1,31 @@
+"""Every Prometheus metric iotd exposes, defined once.
+
+Jobs import the objects they update from here; ``/metrics`` renders the
+default registry.  Names follow the Prometheus conventions (``_total`` for
+counters).
+"""
+
+from prometheus_client import Counter, Gauge
+
+# push
+polls = Counter("iotd_push_polls_total", "GET /push polls answered", ["outcome"])
+results = Counter("iotd_push_results_total", "POST /result requests", ["outcome"])
+commands = Counter("iotd_commands_total", "Command state transitions", ["state"])
+commands_by_state = Gauge("iotd_commands_in_state", "Commands by current state", ["state"])
+
+# devicelink
+links_open = Gauge("iotd_links_open", "Open device links", ["protocol"])
+links_total = Counter("iotd_links_total", "Device links opened", ["protocol"])
+link_failures = Counter("iotd_link_failures_total", "Device link failures", ["reason"])
+relayed_bytes = Counter("iotd_relayed_bytes_total", "Bytes relayed", ["protocol", "direction"])
+relayed_datagrams = Counter("iotd_relayed_datagrams_total", "Datagrams relayed", ["direction"])
+
+# websockets
+ws_connections = Gauge("iotd_websocket_connections", "Open websocket connections", ["kind"])
+ws_slow_dropped = Counter("iotd_websocket_slow_dropped_total", "Websocket clients cut as too slow", ["kind"])
+events_published = Counter("iotd_events_published_total", "Events committed and published", ["kind"])
+events_delivered = Counter("iotd_events_delivered_total", "Event frames delivered to websockets", ["kind"])
+
+# http / auth
+http_requests = Counter("iotd_http_requests_total", "HTTP requests answered", ["status"])
+auth_failures = Counter("iotd_auth_failures_total", "Requests refused for a missing or bad key")

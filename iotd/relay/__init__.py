@@ -1,0 +1,16 @@
+"""DeviceLink relay core: pure Twisted protocols, no threads.
+
+- ``ctr``: the AES-256-CTR transform (a continuous stream per TCP direction, a
+  fresh keystream per UDP datagram).
+- ``tcp``: one link's TCP sockets -- a listening port, the single client
+  connection and the connection to the device, with back-pressure both ways
+  and half-close.
+- ``udp``: one link's UDP sockets -- the client-facing port and a connected
+  socket to the device, keeping datagram boundaries.
+- ``links``: ``LinkManager`` (port allocation, limits, timers, metrics, logs)
+  and the ``Link`` record the REST layer shows.
+
+The hot path of both relays is ``dataReceived``/``datagramReceived`` ->
+(cipher ``update``) -> peer ``write`` plus plain integer counters; Prometheus
+counters are fed from those integers periodically and at close.
+"""

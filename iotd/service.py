@@ -1,0 +1,112 @@
+"""The core service: store, keys, registry and event log, started in that order.
+
+Its start is asynchronous (opening SQLite in a thread, loading keys and the
+registry); the HTTP listeners bind synchronously at start-up (so a busy port
+aborts ``twistd``) and answer 503 until :attr:`CoreService.ready`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+
+from iotd.auth import KeyRing
+from iotd.events import EventLog
+from iotd.logs import Logger
+from iotd.registry import Registry
+from iotd.store import Store
+
+PRUNE_EVERY = 3600.0
+
+
+def write_secret_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` readable by the owner only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.chmod(path, 0o600)
+
+
+class CoreService(service.Service):
+    log = Logger()
+    name = "core"
+
+    def __init__(self, config: Any, reactor: Any):
+        self.config = config
+        self.reactor = reactor
+        self.store = Store(config.database_path, reactor)
+        self.keys = KeyRing(self.store, reactor)
+        self.registry = Registry(self.store, reactor)
+        self.events = EventLog(self.store)
+        self.ready = False
+        self.started: defer.Deferred = defer.Deferred()
+        self._prune = LoopingCall(self._prune_events)
+        self._prune.clock = reactor
+        self._starting: defer.Deferred | None = None
+
+    def startService(self):
+        super().startService()
+        self._starting = defer.Deferred.fromCoroutine(self._start())
+        self._starting.addCallbacks(self._up, self._failed)
+        return self._starting
+
+    async def _start(self) -> None:
+        await self.store.start()
+        await self.keys.start()
+        await self.registry.start()
+        if len(self.keys) == 0:
+            await self._bootstrap_admin()
+        if self.config.retention.events_days > 0:
+            self._prune.start(PRUNE_EVERY, now=True).addErrback(
+                lambda f: self.log.failure("prune stopped", f))
+
+    def _up(self, _):
+        self.ready = True
+        self.log.info("store {path} open; {keys} api keys", path=self.config.database_path, keys=len(self.keys))
+        self.started.callback(None)
+
+    def _failed(self, failure):
+        self.log.failure("iotd could not start", failure)
+        self.started.errback(failure)
+        self.started.addErrback(lambda _: None)
+        if self.reactor.running:
+            # twistd has no exit status of its own: leave with 1 once shut down.
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self.reactor.stop()
+
+    async def _bootstrap_admin(self) -> None:
+        key, secret = await self.keys.create(self.config.iotd.tenant, "admin", "admin")
+        path = self.config.admin_key_path
+        await defer.Deferred.fromCoroutine(_in_thread(write_secret_file, path, secret))
+        self.log.info("created the first admin API key; it is in {path}", path=os.path.abspath(path))
+
+    async def _prune_events(self) -> None:
+        cutoff = int((self.reactor.seconds() - self.config.retention.events_days * 86400) * 1_000_000)
+        removed = await self.events.prune(cutoff)
+        if removed:
+            self.log.info("pruned {count} events older than {days} days", count=removed,
+                          days=self.config.retention.events_days)
+
+    def stopService(self):
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self.ready = False
+        if self._prune.running:
+            self._prune.stop()
+        self.keys.stop()
+        try:
+            await self.registry.stop()
+        finally:
+            await self.store.stop()
+
+
+async def _in_thread(fn, *args):
+    from twisted.internet import threads
+
+    return await threads.deferToThread(fn, *args)

@@ -1,0 +1,95 @@
+"""``twistd iotd``: Options and makeService.  Builds the service tree, nothing else.
+
+The tree::
+
+    MultiService
+      core        CoreService: store, keys, registry, event log (async start)
+      http-N      one strports service per ``[http] listen`` endpoint
+      <job>       one child per enabled job (push, devicelink, websockets)
+
+A job is a function ``job(ctx, parent) -> routes`` that adds its own child
+service to ``parent`` and returns its ``routes(app, ctx)`` for the one
+Klein app.  Jobs are listed in :data:`JOBS`.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any, Callable
+
+from twisted.application import service, strports
+from twisted.python import usage
+
+from iotd import config as configmod
+from iotd.logs import set_level
+from iotd.service import CoreService
+from iotd.store import open_sync
+from iotd.web import devices, ingest, keys, ops
+from iotd.web.app import Context, make_app, make_site
+
+# The REST areas every daemon serves.
+AREAS = [ops.routes, keys.routes, devices.routes, ingest.routes]
+
+# Jobs: each ``job(ctx, parent)`` adds its child service and returns its routes.
+JOBS: list[Callable[[Context, service.MultiService], Any]] = []
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = "iotd: push commands, device links, event streams and subscriptions in one daemon."
+    optParameters = [["config", "c", None, "Path to iotd.ini (default: built-in defaults)"]]
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (10,000 sockets need it)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1048576
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def load_config(path: str | None) -> configmod.Config:
+    try:
+        return configmod.load(path)
+    except configmod.ConfigError as e:
+        raise SystemExit(str(e)) from None
+
+
+def check_store(cfg: configmod.Config) -> None:
+    """Create ``data_dir`` and migrate the store before the reactor runs."""
+    try:
+        open_sync(cfg.database_path).close()
+    except Exception as e:
+        raise SystemExit(f"iotd: config error: [iotd] data_dir: cannot open {cfg.database_path}: {e}") from None
+
+
+def makeService(options: Any, reactor: Any = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    cfg = options if isinstance(options, configmod.Config) else load_config(options["config"])
+    set_level(cfg.iotd.log_level)
+    raise_open_files_limit()
+    check_store(cfg)
+
+    top = service.MultiService()
+    core = CoreService(cfg, reactor)
+    core.setServiceParent(top)
+    ctx = Context(config=cfg, reactor=reactor, store=core.store, keys=core.keys,
+                  registry=core.registry, events=core.events)
+    areas = list(AREAS)
+    for job in JOBS:
+        routes = job(ctx, top)
+        if routes is not None:
+            areas.append(routes)
+    site = make_site(ctx, make_app(ctx, areas), ready=lambda: core.ready)
+    for index, endpoint in enumerate(cfg.http.listen):
+        svc = strports.service(endpoint, site, reactor=reactor)
+        svc.setName(f"http-{index}")
+        svc.setServiceParent(top)
+    top.ctx = ctx
+    top.site = site
+    return top

@@ -1,0 +1,1 @@
+"""The HTTP side: one Klein app (``app.py``) and one module per REST area."""

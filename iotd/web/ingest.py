@@ -1,0 +1,171 @@
+"""Ingest REST: packets, readings and OTA progress into the event log.
+
+Each endpoint takes one object or an array of up to 1,000 (one transaction,
+all or nothing: one bad item rejects the whole request with 422 naming its
+index).  The answer (201, the stored event or the array) is sent only after
+the commit.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+from klein import Klein
+
+from iotd import errors
+from iotd.timefmt import iso, micros_of, parse_iso
+from iotd.web.app import Context, read_json, require, respond, visible_device
+
+MAX_BATCH = 1000
+_HEX = re.compile(r"^(?:[0-9a-fA-F]{2})*$")
+ENCODINGS = ("binary", "utf8", "json", "none")
+
+
+def _object(value: Any, name: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise errors.Invalid(f"{name} must be an object")
+    return value
+
+
+def _time(value: Any, name: str, now: str) -> str:
+    if value is None:
+        return now
+    try:
+        return iso(parse_iso(value))
+    except (ValueError, TypeError, OverflowError):
+        raise errors.Invalid(f"{name} must be an ISO 8601 date-time") from None
+
+
+def _only(item: dict, allowed: set[str]) -> None:
+    unknown = set(item) - allowed
+    if unknown:
+        raise errors.Invalid(f"unknown field {sorted(unknown)[0]!r}")
+
+
+def packet(item: Any, now: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise errors.Invalid("a packet must be an object")
+    _only(item, {"payload", "payload_encoding", "meta", "transceived_at", "interface", "interface_id", "packet_type"})
+    payload = item.get("payload")
+    encoding = item.get("payload_encoding")
+    if encoding is None:
+        encoding = "none" if payload is None else "utf8" if isinstance(payload, str) else "json"
+    if encoding not in ENCODINGS:
+        raise errors.Invalid(f"payload_encoding must be one of {', '.join(ENCODINGS)}")
+    if encoding == "binary" and not (isinstance(payload, str) and _HEX.match(payload)):
+        raise errors.Invalid("payload must be a hex string for payload_encoding binary")
+    if encoding == "utf8" and not isinstance(payload, str):
+        raise errors.Invalid("payload must be a string for payload_encoding utf8")
+    if encoding == "none" and payload is not None:
+        raise errors.Invalid("payload must be null for payload_encoding none")
+    interface = item.get("interface", item.get("interface_id"))
+    if interface is not None and not isinstance(interface, str):
+        raise errors.Invalid("interface must be a string")
+    packet_type = item.get("packet_type", "up")
+    if not isinstance(packet_type, str) or not packet_type:
+        raise errors.Invalid("packet_type must be a string")
+    return {
+        "interface_id": interface,
+        "transceived_at": _time(item.get("transceived_at"), "transceived_at", now),
+        "payload_encoding": encoding,
+        "payload": payload.lower() if encoding == "binary" else payload,
+        "packet_type": packet_type,
+        "meta": _object(item.get("meta"), "meta"),
+    }
+
+
+def _point(value: Any) -> dict | None:
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, dict)
+        and value.get("type") == "Point"
+        and isinstance(value.get("coordinates"), list)
+        and len(value["coordinates"]) in (2, 3)
+        and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in value["coordinates"])
+    )
+    if not ok:
+        raise errors.Invalid("location must be a GeoJSON point")
+    return value
+
+
+def reading(item: Any, now: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise errors.Invalid("a reading must be an object")
+    _only(item, {"data", "measured_at", "packet_id", "meta", "location"})
+    data = item.get("data")
+    if not isinstance(data, dict):
+        raise errors.Invalid("data must be an object")
+    packet_id = item.get("packet_id")
+    if packet_id is not None and (not isinstance(packet_id, int) or isinstance(packet_id, bool)):
+        raise errors.Invalid("packet_id must be an integer")
+    return {
+        "packet_id": packet_id,
+        "parser_id": None,
+        "measured_at": _time(item.get("measured_at"), "measured_at", now),
+        "data": data,
+        "location": _point(item.get("location")),
+        "meta": _object(item.get("meta"), "meta"),
+    }
+
+
+def _int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or abs(value) > 2**53:
+        raise errors.Invalid(f"{name} must be an integer")
+    return value
+
+
+def ota(item: Any, now: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise errors.Invalid("an OTA report must be an object")
+    _only(item, {"status", "step", "detail"})
+    detail = item.get("detail", "")
+    if not isinstance(detail, str):
+        raise errors.Invalid("detail must be a string")
+    return {
+        "status": _int(item.get("status"), "status"),
+        "step": _int(item.get("step", 0), "step"),
+        "detail": detail,
+        "reported_at": now,
+    }
+
+
+_KINDS: dict[str, tuple[str, str, str, Callable[[Any, str], dict]]] = {
+    # path part -> (event kind, resource, action, validator)
+    "packets": ("packet", "packets", "create", packet),
+    "readings": ("reading", "readings", "create", reading),
+    "ota": ("ota", "devices", "update", ota),
+}
+
+
+def routes(app: Klein, ctx: Context) -> None:
+    async def ingest(request, identifier: str, part: str):
+        kind, resource, action, validate = _KINDS[part]
+        key = require(ctx, request, resource, action)
+        device = visible_device(ctx, key, identifier)
+        body = read_json(request)
+        many = isinstance(body, list)
+        items = body if many else [body]
+        if many and not 1 <= len(items) <= MAX_BATCH:
+            raise errors.Invalid(f"an array must hold 1-{MAX_BATCH} items")
+        now = iso(micros_of(ctx.reactor.seconds()))
+        rows = []
+        for index, item in enumerate(items):
+            try:
+                data = validate(item, now)
+            except errors.Invalid as e:
+                if many:
+                    raise errors.Invalid(f"item {index}: {e.message}") from None
+                raise
+            rows.append((device.tenant, kind, device.identifier, data))
+        events = await ctx.events.append(rows)
+        bodies = [e.body() for e in events]
+        return respond(request, 201, bodies if many else bodies[0])
+
+    for part in _KINDS:
+        app.route(f"/api/v1/devices/<identifier>/{part}", methods=["POST"], endpoint=f"ingest_{part}")(
+            lambda request, identifier, _part=part: ingest(request, identifier, _part)
+        )

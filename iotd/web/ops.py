@@ -1,0 +1,28 @@
+"""``/healthz`` and ``/metrics`` (no key: bind ``[http] listen`` privately to hide them)."""
+
+from __future__ import annotations
+
+from klein import Klein
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from iotd import __version__
+from iotd.web.app import Context, respond
+
+
+def _ping(conn):
+    return conn.execute("SELECT 1").fetchone()[0]
+
+
+def routes(app: Klein, ctx: Context) -> None:
+    @app.route("/healthz", methods=["GET"])
+    async def healthz(request):
+        try:
+            await ctx.store.read(_ping)
+        except Exception:
+            return respond(request, 503, {"status": "unavailable", "version": __version__})
+        return respond(request, 200, {"status": "ok", "version": __version__})
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest()

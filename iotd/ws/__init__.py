@@ -1,0 +1,1 @@
+"""Websocket protocols: ELEMENT event sockets and iThings subscriptions."""
