@@ -30,8 +30,13 @@ from iotd.web.app import Context, make_app, make_site
 # The REST areas every daemon serves.
 AREAS = [ops.routes, keys.routes, devices.routes, ingest.routes]
 
-# Jobs: each ``job(ctx, parent)`` adds its child service and returns its routes.
-JOBS: list[Callable[[Context, service.MultiService], Any]] = []
+# Jobs: each ``job(ctx, parent)`` adds its child service (when enabled) and
+# returns its ``routes(app, ctx)`` or None.  One line per job.
+JOBS: list[Callable[[Context, service.MultiService], Any]] = [
+    # push job
+    # devicelink job
+    # websocket jobs
+]
 
 
 class Options(usage.Options):
@@ -67,10 +72,29 @@ def check_store(cfg: configmod.Config) -> None:
         raise SystemExit(f"iotd: config error: [iotd] data_dir: cannot open {cfg.database_path}: {e}") from None
 
 
+def exit_zero_on_sigterm(reactor: Any) -> None:
+    """SIGTERM is the normal way to stop iotd: exit 0, not "killed by signal 15".
+
+    twistd re-raises the signal that stopped the reactor once shutdown is done;
+    forget SIGTERM after a clean shutdown so systemd sees a clean exit.
+    """
+    import signal
+
+    def forget() -> None:
+        if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+            reactor._exitSignal = None
+
+    reactor.addSystemEventTrigger("after", "shutdown", forget)
+
+
 def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    cfg = options if isinstance(options, configmod.Config) else load_config(options["config"])
+    if isinstance(options, configmod.Config):  # tests build the tree from a Config
+        cfg = options
+    else:
+        cfg = load_config(options["config"])
+        exit_zero_on_sigterm(reactor)
     set_level(cfg.iotd.log_level)
     raise_open_files_limit()
     check_store(cfg)

@@ -114,7 +114,8 @@ class Store:
         self._reactor = reactor
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
-        self._pool = ThreadPool(minthreads=1, maxthreads=readers, name="iotd-store-read")
+        self._readers_max = readers
+        self._pool: ThreadPool | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -131,8 +132,10 @@ class Store:
         )
         self._writer.start()
         await opened
-        self._running = True
+        self._local = threading.local()
+        self._pool = ThreadPool(minthreads=1, maxthreads=self._readers_max, name="iotd-store-read")
         self._pool.start()
+        self._running = True
 
     async def stop(self) -> None:
         """Finish every queued write, then close all connections."""

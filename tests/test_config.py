@@ -1,0 +1,53 @@
+"""The ini file: defaults, and one clear line for every kind of mistake."""
+
+import pytest
+
+from iotd import config
+from iotd.tap import load_config
+
+
+def test_shipped_file_equals_defaults(tmp_path):
+    shipped = config.load("etc/iotd.ini")
+    assert shipped == config.Config(path="etc/iotd.ini")
+
+
+def test_values_parse_into_types():
+    cfg = config.parse_text("[devicelink]\nport_range = 41000-41010\nmax_links = 5\n"
+                            "[push]\nallowed_sources = 10.0.0.0/8, 192.168.1.0/24\nauto_register = no\n")
+    assert cfg.devicelink.port_range == (41000, 41010)
+    assert cfg.devicelink.max_links == 5
+    assert cfg.push.auto_register is False
+    assert [str(n) for n in cfg.push.allowed_sources] == ["10.0.0.0/8", "192.168.1.0/24"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[nosuch]\na = 1\n", "iotd: config error: [nosuch]: unknown section"),
+    ("[http]\nlisten_on = tcp:1\n", "iotd: config error: [http] listen_on: unknown key"),
+    ("[push]\nmax_attempts = many\n", "iotd: config error: [push] max_attempts: expected a whole number, got 'many'"),
+    ("[push]\nenabled = maybe\n", "iotd: config error: [push] enabled: expected true or false, got 'maybe'"),
+    ("[devicelink]\nport_range = 40100-40000\n", "iotd: config error: [devicelink] port_range: range is backwards: 40100 > 40000"),
+    ("[iotd]\nlog_level = loud\n", "iotd: config error: [iotd] log_level: expected debug, info, warn or error, got 'loud'"),
+    ("[push]\nallowed_sources = 10.0.0.300/8\n", "iotd: config error: [push] allowed_sources: not a CIDR network: '10.0.0.300/8'"),
+    ("[http]\nlisten = ssl:8443:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem\n",
+     "iotd: config error: [http] listen: cannot read privateKey file '/nonexistent/k.pem'"),
+    ("[http]\nlisten = carrier-pigeon:1\n", "iotd: config error: [http] listen: unknown endpoint type 'carrier-pigeon' in 'carrier-pigeon:1'"),
+])
+def test_errors_name_section_and_key(text, message):
+    with pytest.raises(config.ConfigError) as info:
+        config.parse_text(text)
+    assert str(info.value) == message
+    assert "\n" not in str(info.value)
+
+
+def test_plugin_turns_errors_into_systemexit_line(tmp_path):
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[websocket]\nmax_buffer_bytes = -1\n")
+    with pytest.raises(SystemExit) as info:
+        load_config(str(bad))
+    assert str(info.value) == f"iotd: config error: {bad}: [websocket] max_buffer_bytes: must be at least 1024, got -1"
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        load_config(str(tmp_path / "nope.ini"))
+    assert "cannot read config file" in str(info.value)
