@@ -24,7 +24,7 @@ from iotd import config as configmod
 from iotd.logs import set_level
 from iotd.service import CoreService
 from iotd.store import open_sync
-from iotd.web import devices, ingest, keys, ops
+from iotd.web import devicelink, devices, ingest, keys, ops
 from iotd.web.app import Context, make_app, make_site
 
 # The REST areas every daemon serves.
@@ -34,7 +34,7 @@ AREAS = [ops.routes, keys.routes, devices.routes, ingest.routes]
 # returns its ``routes(app, ctx)`` or None.  One line per job.
 JOBS: list[Callable[[Context, service.MultiService], Any]] = [
     # push job
-    # devicelink job
+    devicelink.job,
     # websocket jobs
 ]
 

@@ -1,0 +1,161 @@
+"""DeviceLink REST (``deviceLink:*``) and the job that owns the link manager.
+
+``POST /api/v1/devicelink/{device}`` opens a TCP or UDP port relaying to the
+device's registry ``host``; ``DELETE /api/v1/devicelink/{token}`` closes it;
+``GET /api/v1/devicelink`` lists the tenant's open links.  The relay itself
+is :mod:`iotd.relay`.
+
+A device ``host`` that is a name rather than an address is passed to the
+reactor's resolver when the client connects; with
+``[devicelink] allowed_device_networks`` set, only address literals inside
+those networks are accepted (403 otherwise), since a name could resolve
+anywhere.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from klein import Klein
+from twisted.application import service
+
+from iotd import errors
+from iotd.relay.links import LinkManager, NoFreePort
+from iotd.web.app import Context, read_json, require, respond, visible_device
+
+_HEX = re.compile(r"^[0-9a-fA-F]*$")
+
+
+def _port(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise errors.Invalid(f"{name} must be a port number 1-65535")
+    return value
+
+
+def _hex(value: Any, name: str, chars: int) -> bytes:
+    if not isinstance(value, str) or len(value) != chars or not _HEX.match(value):
+        raise errors.Invalid(f"{name} must be {chars} hex characters")
+    return bytes.fromhex(value)
+
+
+def parse_link_request(body: Any, device: Any, default_timeout_ms: int) -> dict[str, Any]:
+    """The checked request with defaults filled in; raises Invalid (422)."""
+    if not isinstance(body, dict):
+        raise errors.Invalid("body must be a JSON object")
+    unknown = set(body) - {"protocol", "devicePort", "timeout", "source", "encrypt"}
+    if unknown:
+        raise errors.Invalid(f"unknown field {sorted(unknown)[0]!r}")
+    protocol = body.get("protocol")
+    if protocol not in ("tcp", "udp"):
+        raise errors.Invalid("protocol must be 'tcp' or 'udp'")
+    port = body.get("devicePort")
+    if port is None:
+        port = device.ports.get("default")
+        if port is None:
+            raise errors.Invalid("devicePort is required: the device has no ports.default")
+    port = _port(port, "devicePort")
+    timeout = body.get("timeout", default_timeout_ms)
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= 2**31:
+        raise errors.Invalid("timeout must be milliseconds >= 0")
+    source = body.get("source")
+    if source is not None:
+        if not isinstance(source, dict) or set(source) - {"host", "port"}:
+            raise errors.Invalid("source must be {\"host\", \"port\"}")
+        host = source.get("host")
+        try:
+            ipaddress.ip_address(host)
+        except (ValueError, TypeError):
+            raise errors.Invalid("source.host must be an IP address") from None
+        source = {"host": host, "port": _port(source.get("port"), "source.port")}
+    encrypt = body.get("encrypt")
+    key = iv = None
+    if encrypt is not None:
+        if not isinstance(encrypt, dict) or set(encrypt) != {"key", "initializationVector"}:
+            raise errors.Invalid("encrypt must be {\"key\", \"initializationVector\"}")
+        key = _hex(encrypt["key"], "encrypt.key", 64)
+        iv = _hex(encrypt["initializationVector"], "encrypt.initializationVector", 32)
+    return {"protocol": protocol, "devicePort": port, "timeout": timeout, "source": source,
+            "encrypt": encrypt, "_key": key, "_iv": iv}
+
+
+def check_device_host(host: str | None, networks: tuple) -> str:
+    if not host:
+        raise errors.Invalid("the device has no host in the registry")
+    if networks:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise errors.Forbidden("device host is not an address inside allowed_device_networks") from None
+        if not any(address in net for net in networks):
+            raise errors.Forbidden("device host is outside allowed_device_networks")
+    return host
+
+
+class LinkService(service.Service):
+    name = "devicelink"
+
+    def __init__(self, manager: LinkManager):
+        self.manager = manager
+
+    def stopService(self):
+        super().stopService()
+        return self.manager.close_all()
+
+
+def routes(app: Klein, ctx: Context) -> None:
+    cfg = ctx.config.devicelink
+    manager: LinkManager = ctx.jobs["devicelink"]
+
+    @app.route("/api/v1/devicelink/<identifier>", methods=["POST"])
+    def create_link(request, identifier):
+        key = require(ctx, request, "deviceLink", "create")
+        device = visible_device(ctx, key, identifier)
+        req = parse_link_request(read_json(request), device, cfg.default_timeout_ms)
+        host = check_device_host(device.host, cfg.allowed_device_networks)
+        source = (req["source"]["host"], req["source"]["port"]) if req["source"] else None
+        try:
+            link = manager.open(tenant=key.tenant, device=device.identifier, protocol=req["protocol"],
+                                device_host=host, device_port=req["devicePort"], timeout_ms=req["timeout"],
+                                source=source, key=req["_key"], iv=req["_iv"])
+        except NoFreePort as e:
+            raise errors.Unavailable(str(e) or "no free link port", code="no_free_port") from None
+        out = {k: v for k, v in req.items() if not k.startswith("_") and v is not None}
+        out.update(device=device.identifier, port=link.port, token=link.token)
+        if cfg.public_host:
+            out["host"] = cfg.public_host
+        return respond(request, 201, out)
+
+    @app.route("/api/v1/devicelink/<token>", methods=["DELETE"])
+    def delete_link(request, token):
+        key = require(ctx, request, "deviceLink", "delete")
+        if not manager.close(token, tenant=key.tenant):
+            raise errors.NotFound("no such link")
+        return respond(request, 204)
+
+    @app.route("/api/v1/devicelink", methods=["GET"])
+    def list_links(request):
+        key = require(ctx, request, "deviceLink", "read")
+        links = [link for link in manager.links(key.tenant)
+                 if not key.limited or _visible(ctx, key, link.device)]
+        return respond(request, 200, {"items": [link.to_json() for link in links]})
+
+
+def _visible(ctx: Context, key: Any, identifier: str) -> bool:
+    device = ctx.registry.get(key.tenant, identifier)
+    return device is not None and key.sees(device)
+
+
+def job(ctx: Context, parent: service.MultiService):
+    """Add the link manager's service when ``[devicelink] enabled``."""
+    cfg = ctx.config.devicelink
+    if not cfg.enabled:
+        return None
+    manager = LinkManager(ctx.reactor, interface=cfg.interface, port_range=cfg.port_range,
+                          max_links=cfg.max_links, connect_timeout=cfg.connect_timeout,
+                          unused_ttl=cfg.unused_ttl)
+    ctx.jobs["devicelink"] = manager
+    LinkService(manager).setServiceParent(parent)
+    ctx.registry.add_delete_listener(lambda device: manager.close_device(device.tenant, device.identifier))
+    return routes
