@@ -1,0 +1,134 @@
+"""Bad input never gets a 5xx or a traceback, and never hurts the daemon.
+
+Hypothesis throws random JSON, wrong types, huge numbers, deep nesting and
+random bytes at every REST endpoint of one real daemon process; raw garbage
+goes to the HTTP port.
+"""
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon_process import DaemonProcess
+
+ENDPOINTS = [
+    ("PUT", "/api/v1/devices/fuzz-{n}"),
+    ("POST", "/api/v1/devices/fuzz/packets"),
+    ("POST", "/api/v1/devices/fuzz/readings"),
+    ("POST", "/api/v1/devices/fuzz/ota"),
+    ("POST", "/api/v1/api-keys"),
+    ("PUT", "/api/v1/streams/s{n}"),
+    ("POST", "/api/v1/devicelink/fuzz"),
+    ("POST", "/api/v1/devices/fuzz/commands"),
+    ("POST", "/result?deviceId={n}"),
+    ("GET", "/push?deviceId={n}"),
+    ("GET", "/api/v1/devices?limit={n}"),
+    ("DELETE", "/api/v1/devicelink/{n}"),
+    ("DELETE", "/api/v1/api-keys/{n}"),
+]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(
+        st.sampled_from(["protocol", "devicePort", "data", "payload", "payload_encoding", "role", "name",
+                         "tags", "ports", "pushId", "encrypt", "source", "endpoint", "verb", "body",
+                         "response", "error", "status", "step", "devices", "x"]) | st.text(max_size=8),
+        children, max_size=6),
+    max_leaves=20,
+)
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):
+    d = DaemonProcess(tmp_path_factory.mktemp("fuzz")).start()
+    d.request("PUT", "/api/v1/devices/fuzz", {"host": "127.0.0.1", "ports": {"default": 9}}, key=d.admin_key)
+    yield d
+    assert d.stop() == 0
+    assert "Traceback" not in d.log()
+
+
+def send(d, method, path, body: bytes, key=True):
+    req = urllib.request.Request(d.url + path, data=body if method != "GET" else None, method=method)
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {d.admin_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read(), resp.headers.get("Content-Type")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers.get("Content-Type")
+
+
+def check(status, raw, ctype):
+    assert status < 500, raw
+    assert b"Traceback" not in raw and b"<html" not in raw.lower()
+    if status >= 400 and raw:
+        assert json.loads(raw)["error"] if "json" in (ctype or "") else True
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(endpoint=st.sampled_from(ENDPOINTS), value=json_values, n=st.integers(-(2**64), 2**64))
+def test_random_json_everywhere(proc, endpoint, value, n):
+    method, path = endpoint
+    check(*send(proc, method, path.format(n=n), json.dumps(value).encode()))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(endpoint=st.sampled_from(ENDPOINTS), raw=st.binary(max_size=300))
+def test_random_bytes_everywhere(proc, endpoint, raw):
+    method, path = endpoint
+    check(*send(proc, method, path.format(n=1), raw))
+
+
+def test_deep_nesting_and_huge_numbers(proc):
+    deep = b"[" * 100000 + b"]" * 100000
+    check(*send(proc, "POST", "/api/v1/devices/fuzz/readings", deep))
+    nested = {"data": {}}
+    cur = nested["data"]
+    for _ in range(900):
+        cur["x"] = {}
+        cur = cur["x"]
+    check(*send(proc, "POST", "/api/v1/devices/fuzz/readings", json.dumps(nested).encode()))
+    check(*send(proc, "POST", "/api/v1/devices/fuzz/readings", b'{"data": {"n": 1' + b"0" * 5000 + b"}}"))
+    check(*send(proc, "PUT", "/api/v1/devices/big", b'{"pushId": 1' + b"0" * 30 + b"}"))
+    assert proc.request("GET", "/healthz")[0] == 200
+
+
+def test_raw_garbage_on_the_http_port(proc):
+    payloads = [b"\x00\xff" * 500, b"GET / HTTP/9.9\r\n\r\n", b"POST /result?deviceId=1 HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+                b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"\r\n" * 1000,
+                b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"b" * 70000 + b"\r\n\r\n",
+                b"POST /api/v1/devices/x/readings HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"]
+    for payload in payloads:
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=5) as s:
+            try:
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+                answer = s.recv(65536)
+            except OSError:
+                answer = b""
+        assert not answer.startswith(b"HTTP/1.1 5"), answer[:200]
+    assert proc.request("GET", "/healthz")[0] == 200
+
+
+def test_oversized_headers_are_refused(proc):
+    status, raw, _ = send(proc, "GET", "/api/v1/devices", b"", key=True)
+    assert status == 200
+    req = urllib.request.Request(proc.url + "/api/v1/devices")
+    for i in range(200):
+        req.add_header(f"X-H{i}", "v" * 200)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (ConnectionError, urllib.error.URLError):
+        status = 400  # the connection was closed on us, which is a refusal too
+    assert status == 400
+    assert proc.request("GET", "/healthz")[0] == 200
