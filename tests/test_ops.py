@@ -28,6 +28,7 @@ async def test_metrics_count_what_happens(daemon):
 
     assert value(after, 'iotd_events_published_total{kind="reading"}') - value(before, 'iotd_events_published_total{kind="reading"}') == 2
     assert value(after, "iotd_auth_failures_total") - value(before, "iotd_auth_failures_total") == 1
+    assert value(after, 'iotd_http_requests_total{status="401"}') - value(before, 'iotd_http_requests_total{status="401"}') == 1
     assert "iotd_links_open" in after and "iotd_websocket_connections" in after
 
 

@@ -287,13 +287,25 @@ class Root(Resource):
                 request.setHeader(b"access-control-max-age", b"600")
                 request.setResponseCode(204)
                 return b""
-        request.notifyFinish().addBoth(lambda _: metrics.http_requests.labels(str(request.code)).inc())
         return self._app.render(request)
+
+
+class Site(server.Site):
+    """Counts every answered request by status; skips the access log for ``request.quiet``.
+
+    A hot path (an idle push poll) sets ``request.quiet = True`` so thousands
+    of identical lines a second do not cost the reactor; it is still counted.
+    """
+
+    def log(self, request):
+        metrics.http_requests.labels(str(request.code)).inc()
+        if not getattr(request, "quiet", False):
+            super().log(request)
 
 
 def make_site(ctx: Context, app: Klein, ready: Callable[[], bool] = lambda: True) -> server.Site:
     request_class = type("Request", (LimitedRequest,), {"max_body": ctx.config.http.max_body_bytes})
-    site = server.Site(Root(app.resource(), ctx.config.http.cors_origins, ready),
+    site = Site(Root(app.resource(), ctx.config.http.cors_origins, ready),
                        requestFactory=request_class, logFormatter=access_log)
     site.displayTracebacks = False
     return site
