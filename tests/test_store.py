@@ -82,3 +82,15 @@ async def test_follow_has_no_gap_and_no_duplicate_while_writing(store):
     await defer.gatherResults([defer.ensureDeferred(w) for w in more])
     follower.cancel()
     assert [e.data["n"] for e in got] == list(range(410))
+
+
+@pytest_twisted.ensureDeferred
+async def test_prune_removes_only_old_events(store):
+    log = EventLog(store)
+    old = await log.append([("t", "reading", "D", {"n": 1})])
+    cutoff = old[0].inserted_us + 1
+    new = await log.append([("t", "reading", "D", {"n": 2})])
+    assert new[0].inserted_us >= cutoff
+    assert await log.prune(cutoff) == 1
+    left = await log.read("t", ["reading"], 0, 10)
+    assert [e.data["n"] for e in left] == [2]
