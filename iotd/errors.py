@@ -63,3 +63,13 @@ class Invalid(ApiError):
 
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+def require_object(value: object, allowed: set[str], what: str = "body") -> dict:
+    """``value`` as a dict with only ``allowed`` keys, else :class:`Invalid` naming the problem."""
+    if not isinstance(value, dict):
+        raise Invalid(f"{what} must be a JSON object")
+    unknown = set(value) - allowed
+    if unknown:
+        raise Invalid(f"unknown field {sorted(unknown)[0]!r}")
+    return value

@@ -265,11 +265,7 @@ class Registry:
         return self._streams.get((tenant, stream_id))
 
     async def put_stream(self, tenant: str, stream_id: str, body: Any) -> tuple[Stream, bool]:
-        if not isinstance(body, dict):
-            raise errors.Invalid("body must be a JSON object")
-        unknown = set(body) - {"devices", "tags", "id"}
-        if unknown:
-            raise errors.Invalid(f"unknown field {sorted(unknown)[0]!r}")
+        errors.require_object(body, {"devices", "tags", "id"})
         devices = body.get("devices", [])
         tags = body.get("tags", [])
         if not isinstance(devices, list) or not all(isinstance(d, str) and d for d in devices):

@@ -42,11 +42,7 @@ def _hex(value: Any, name: str, chars: int) -> bytes:
 
 def parse_link_request(body: Any, device: Any, default_timeout_ms: int) -> dict[str, Any]:
     """The checked request with defaults filled in; raises Invalid (422)."""
-    if not isinstance(body, dict):
-        raise errors.Invalid("body must be a JSON object")
-    unknown = set(body) - {"protocol", "devicePort", "timeout", "source", "encrypt"}
-    if unknown:
-        raise errors.Invalid(f"unknown field {sorted(unknown)[0]!r}")
+    errors.require_object(body, {"protocol", "devicePort", "timeout", "source", "encrypt"})
     protocol = body.get("protocol")
     if protocol not in ("tcp", "udp"):
         raise errors.Invalid("protocol must be 'tcp' or 'udp'")

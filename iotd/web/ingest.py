@@ -39,16 +39,9 @@ def _time(value: Any, name: str, now: str) -> str:
         raise errors.Invalid(f"{name} must be an ISO 8601 date-time") from None
 
 
-def _only(item: dict, allowed: set[str]) -> None:
-    unknown = set(item) - allowed
-    if unknown:
-        raise errors.Invalid(f"unknown field {sorted(unknown)[0]!r}")
-
-
 def packet(item: Any, now: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise errors.Invalid("a packet must be an object")
-    _only(item, {"payload", "payload_encoding", "meta", "transceived_at", "interface", "interface_id", "packet_type"})
+    errors.require_object(item, {"payload", "payload_encoding", "meta", "transceived_at", "interface",
+                                 "interface_id", "packet_type"}, "a packet")
     payload = item.get("payload")
     encoding = item.get("payload_encoding")
     if encoding is None:
@@ -93,9 +86,7 @@ def _point(value: Any) -> dict | None:
 
 
 def reading(item: Any, now: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise errors.Invalid("a reading must be an object")
-    _only(item, {"data", "measured_at", "packet_id", "meta", "location"})
+    errors.require_object(item, {"data", "measured_at", "packet_id", "meta", "location"}, "a reading")
     data = item.get("data")
     if not isinstance(data, dict):
         raise errors.Invalid("data must be an object")
@@ -119,9 +110,7 @@ def _int(value: Any, name: str) -> int:
 
 
 def ota(item: Any, now: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise errors.Invalid("an OTA report must be an object")
-    _only(item, {"status", "step", "detail"})
+    errors.require_object(item, {"status", "step", "detail"}, "an OTA report")
     detail = item.get("detail", "")
     if not isinstance(detail, str):
         raise errors.Invalid("detail must be a string")

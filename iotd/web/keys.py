@@ -14,12 +14,7 @@ def routes(app: Klein, ctx: Context) -> None:
     @app.route("/api/v1/api-keys", methods=["POST"])
     async def create_key(request):
         key = require(ctx, request, "apiKeys", "create")
-        body = read_json(request)
-        if not isinstance(body, dict):
-            raise errors.Invalid("body must be a JSON object")
-        unknown = set(body) - {"name", "role", "groups", "permissions", "expiresAt"}
-        if unknown:
-            raise errors.Invalid(f"unknown field {sorted(unknown)[0]!r}")
+        body = errors.require_object(read_json(request), {"name", "role", "groups", "permissions", "expiresAt"})
         role = body.get("role")
         groups = body.get("groups", [])
         permissions = body.get("permissions", [])
