@@ -25,7 +25,10 @@ from iotd.logs import set_level
 from iotd.service import CoreService
 from iotd.store import open_sync
 from iotd.web import devicelink, devices, ingest, keys, ops
+from iotd.web import push
 from iotd.web.app import Context, make_app, make_site
+from iotd.ws import element
+from iotd.ws import subscribe
 
 # The REST areas every daemon serves.
 AREAS = [ops.routes, keys.routes, devices.routes, ingest.routes]
@@ -33,9 +36,10 @@ AREAS = [ops.routes, keys.routes, devices.routes, ingest.routes]
 # Jobs: each ``job(ctx, parent)`` adds its child service (when enabled) and
 # returns its ``routes(app, ctx)`` or None.  One line per job.
 JOBS: list[Callable[[Context, service.MultiService], Any]] = [
-    # push job
+    push.job,
     devicelink.job,
-    # websocket jobs
+    element.job,
+    subscribe.job,
 ]
 
 

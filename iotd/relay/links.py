@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from twisted.internet import defer, task
@@ -61,7 +61,9 @@ class Link:
     link's client; ``dropped`` UDP datagrams that could not be delivered.
     """
 
-    token: str
+    _log: ClassVar[Logger] = Logger()
+
+    token: str = attrs.field(repr=lambda t: t[:6] + "...")  # logs show a prefix only
     tenant: str
     device: str
     protocol: str
@@ -89,6 +91,7 @@ class Link:
     _unused_call: Any = attrs.field(default=None, init=False, repr=False)
     _flushed: list[int] = attrs.field(factory=lambda: [0] * 6, init=False, repr=False)
     _shutdown: defer.Deferred[None] | None = attrs.field(default=None, init=False, repr=False)
+    _waiters: list[defer.Deferred[None]] = attrs.field(factory=list, init=False, repr=False)
 
     # -- called by the relays ----------------------------------------------
 
@@ -104,8 +107,12 @@ class Link:
         if self.timeout_ms > 0:
             self._idle_call = self._clock.callLater(self.timeout_ms / 1000.0, self._idle_check)
 
-    def close(self, reason: str = "closed") -> None:
-        """Close both sockets at once and free the port.  Idempotent."""
+    def close(self, reason: str = "closed", *, abort: bool = True) -> None:
+        """Close both sockets at once and free the port.  Idempotent.
+
+        ``abort=False`` is the TCP relay's orderly end: connections are closed
+        without a reset once their queues are flushed.
+        """
         if self.closed:
             return
         self.closed = True
@@ -114,18 +121,30 @@ class Link:
             if call is not None and call.active():
                 call.cancel()
         self._idle_call = self._unused_call = None
-        self._shutdown = self._relay.shutdown() if self._relay is not None else defer.succeed(None)
+        shutdown = self._relay.shutdown(abort) if self._relay is not None else defer.succeed(None)
+        shutdown.addErrback(self._shutdown_failed)
+        self._shutdown = shutdown
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            _fire_after(shutdown, d)
         if self._manager is not None:
             self._manager._link_closed(self, reason)
+
+    def _shutdown_failed(self, failure: Any) -> None:
+        Link._log.failure(
+            "link {token}: error while closing its sockets", failure, token=self.token[:6]
+        )
 
     # -- queries ---------------------------------------------------------------
 
     def when_closed(self) -> defer.Deferred[None]:
-        """A Deferred that fires once the link's sockets (listening one included) are closed."""
+        """A Deferred that fires once the link has closed and its sockets (listening one
+        included) are closed; the port can be bound again then."""
         d: defer.Deferred[None] = defer.Deferred()
         if self._shutdown is None:
-            raise RuntimeError("link is still open")
-        self._shutdown.addBoth(lambda r: (d.callback(None), r)[1])
+            self._waiters.append(d)
+        else:
+            _fire_after(self._shutdown, d)
         return d
 
     def buffered(self) -> int:
@@ -208,6 +227,16 @@ class Link:
 
 _BYTES = {(p, d): metrics.relayed_bytes.labels(p, d) for p in PROTOCOLS for d in ("up", "down")}
 _DATAGRAMS = {d: metrics.relayed_datagrams.labels(d) for d in ("up", "down")}
+
+
+def _fire_after(source: defer.Deferred[Any], d: defer.Deferred[None]) -> None:
+    """Fire ``d`` (with None) when ``source`` fires, leaving ``source``'s result alone."""
+
+    def fire(result: object) -> object:
+        d.callback(None)
+        return result
+
+    source.addBoth(fire)
 
 
 def _iso(seconds: float) -> str:

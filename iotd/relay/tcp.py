@@ -14,9 +14,9 @@ Choices made:
   ``Clock``); a failure or timeout closes the client and the link.
 - **Back-pressure both ways** like magic-wormhole's transit relay: each
   transport is registered as the streaming producer of the other, so when one
-  side's write buffer passes Twisted's ``bufferSize`` (64 KiB) the other side
-  stops reading, its kernel buffers fill and the sender blocks.  Userspace
-  memory per link stays below two buffers plus one read chunk per direction.
+  side's write queue passes ``bufferSize`` the other side stops reading, its
+  kernel buffers fill and the sender blocks.  Userspace memory per link stays
+  below one queue plus one read chunk per direction.
 - **Half-close.**  Both protocols are ``IHalfCloseableProtocol``: a FIN from
   one side unregisters that side as producer (so it is never resumed into a
   second EOF) and half-closes the other side with ``loseWriteConnection``
@@ -24,13 +24,24 @@ Choices made:
   (``writeConnectionLost`` on both) the link closes with reason ``done``; a
   reset of either side closes it with ``client_reset``/``device_reset``.
 - **Hot path.**  ``dataReceived`` adds to plain integer counters on the
-  ``Link``, stamps ``last_activity`` and calls the peer's bound ``write``
-  (after the CTR ``update`` when encrypted).  Idle timeouts re-arm lazily from
+  ``Link``, stamps ``last_activity`` and writes to the peer (after the CTR
+  ``update`` when encrypted).  Idle timeouts re-arm lazily from
   ``last_activity`` (see ``links``); Prometheus is fed from the integers
   elsewhere.
-- ``shutdown`` (DELETE, timeouts, service stop) aborts both connections --
-  "closes both sockets at once" -- and stops listening; its Deferred fires
-  when every socket, the listening one included, is closed.
+- **Eager writes, 128 KiB chunks.**  ``transport.write`` only queues: the
+  bytes leave on the next writable event, which costs a reactor turn, an
+  event dispatch and two ``epoll_ctl`` calls per chunk.  When the peer has
+  nothing queued, the relay hands the chunk to the transport's own
+  non-blocking ``writeSomeData`` at once and queues only what the kernel did
+  not take (``write``), so ordering, producer pausing and error handling stay
+  Twisted's.  Both transports read and queue up to ``BUFFER_SIZE`` (128 KiB,
+  Twisted's ``SEND_LIMIT``) instead of 64 KiB.  Together these took loopback
+  throughput from ~1.1 to ~1.6-1.8 GB/s (bench/relay.py).  Worst-case
+  userspace memory per link: 2 x (queue + one chunk) = 512 KiB.
+- ``shutdown`` (DELETE, timeouts, resets, service stop) aborts both
+  connections -- "closes both sockets at once" -- and stops listening; its
+  Deferred fires when every socket, the listening one included, is closed.
+  Only the orderly end (both directions done) closes without a reset.
 """
 
 from __future__ import annotations
@@ -51,6 +62,36 @@ from iotd.relay.ctr import Transform, stream_transform
 
 if TYPE_CHECKING:
     from iotd.relay.links import Link
+
+
+# Read size and queue limit of both transports (Twisted's default is 64 KiB;
+# 128 KiB is its SEND_LIMIT, the most one writeSomeData call sends).
+BUFFER_SIZE = 128 * 1024
+
+
+def _eager_writer(transport: Any) -> Any:
+    """``transport.write`` that first tries to send at once when nothing is queued.
+
+    Relies on ``FileDescriptor.writeSomeData`` and the queue attributes
+    ``dataBuffer``/``_tempDataLen``; on a transport without them it is plain
+    ``write``.
+    """
+    write = transport.write
+    send = getattr(transport, "writeSomeData", None)
+    if send is None or not hasattr(transport, "_tempDataLen") or not hasattr(transport, "dataBuffer"):
+        return write
+
+    def eager_write(data: bytes) -> None:
+        if transport._tempDataLen or transport.dataBuffer:
+            write(data)  # keep the order behind what is queued
+            return
+        sent = send(data)
+        if sent.__class__ is not int:
+            write(data)  # an error: let Twisted's own write path find it and close
+        elif sent < len(data):
+            write(data[sent:])
+
+    return eager_write
 
 
 class State(enum.Enum):
@@ -180,8 +221,14 @@ class TCPRelay:
     def start(self) -> None:
         """Nothing to do until a client connects."""
 
-    def shutdown(self) -> defer.Deferred[Any]:
-        """Abort both connections, stop listening; fires when all sockets are closed."""
+    def shutdown(self, abort: bool = True) -> defer.Deferred[Any]:
+        """Close both connections, stop listening; fires when all sockets are closed.
+
+        ``abort`` (DELETE, timeouts, resets) drops queued bytes and resets the
+        connections.  The orderly end (both FINs passed on, queues flushed)
+        closes without a reset: a reset would make the client's kernel discard
+        reply bytes it has received but not yet read.
+        """
         if self._closed is not None:
             return self._closed
         self._to(State.CLOSED)
@@ -194,7 +241,10 @@ class TCPRelay:
             waits.append(defer.maybeDeferred(self._port.stopListening))
         for side in (self.client, self.device):
             if side is not None and side.transport is not None:
-                side.transport.abortConnection()
+                if abort:
+                    side.transport.abortConnection()
+                else:
+                    side.transport.loseConnection()
                 waits.append(side.lost)
         self._closed = defer.gatherResults(waits, consumeErrors=True)
         self._closed.addCallback(lambda _: None)
@@ -213,10 +263,10 @@ class TCPRelay:
 
     def accept(self, addr: Any) -> _ClientSide | None:
         link = self.link
-        if self.state is not State.LISTENING:
-            return self._refuse(addr, "refused_taken")
         if link.source is not None and (addr.host, addr.port) != link.source:
             return self._refuse(addr, "refused_source")
+        if self.state is not State.LISTENING:
+            return self._refuse(addr, "refused_taken")
         self._to(State.CONNECTING)
         self.client = _ClientSide(self, self._t_up)
         link.mark_used()
@@ -238,6 +288,7 @@ class TCPRelay:
     def client_connected(self, client: _ClientSide) -> None:
         transport = client.transport
         transport.pauseProducing()  # type: ignore[union-attr]
+        transport.bufferSize = BUFFER_SIZE  # type: ignore[union-attr]
         transport.setTcpNoDelay(True)  # type: ignore[union-attr]
         host, port = self.link.device_host, self.link.device_port
         endpoint_type = TCP6ClientEndpoint if isIPv6Address(host) else TCP4ClientEndpoint
@@ -287,8 +338,9 @@ class TCPRelay:
         self.device = device
         ct, dt = client.transport, device.transport
         dt.setTcpNoDelay(True)  # type: ignore[union-attr]
-        client._write = dt.write  # type: ignore[union-attr]
-        device._write = ct.write  # type: ignore[union-attr]
+        dt.bufferSize = BUFFER_SIZE  # type: ignore[union-attr]
+        client._write = _eager_writer(dt)
+        device._write = _eager_writer(ct)
         # A full write buffer on one side pauses reading on the other.
         ct.registerProducer(dt, True)  # type: ignore[union-attr]
         dt.registerProducer(ct, True)  # type: ignore[union-attr]
@@ -314,7 +366,7 @@ class TCPRelay:
         """Our FIN went out on ``side``: one direction is done."""
         self._writes_shut += 1
         if self._writes_shut == 2 and self.state is State.RELAYING:
-            self.link.close("done")
+            self.link.close("done", abort=False)
 
     def side_lost(self, side: _Side) -> None:
         if self.state is State.CLOSED:

@@ -153,8 +153,8 @@ class UDPRelay:
         self._client_proto._send = self._device_port.write
         self._device_proto._send = self._client_port.write
 
-    def shutdown(self) -> defer.Deferred[Any]:
-        """Close both sockets; fires when both are closed."""
+    def shutdown(self, abort: bool = True) -> defer.Deferred[Any]:
+        """Close both sockets; fires when both are closed (``abort`` is moot for UDP)."""
         if self._closed is None:
             ports = [p for p in (self._client_port, self._device_port) if p is not None]
             self._closed = defer.gatherResults(

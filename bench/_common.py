@@ -1,0 +1,86 @@
+"""Helpers shared by the benchmarks: medians, a results table, and a JSON results file.
+
+A result row is a dict ``{"name", "unit", "iotd", "peer_name", "peer", "ratio", ...}``;
+extra keys (``loss``, ``p50``...) are kept as they are.  The results file is a
+JSON list of rows; merging replaces rows with the same ``name``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+BASE_KEYS = ("name", "unit", "iotd", "peer_name", "peer", "ratio")
+
+
+def median(values: Iterable[float]) -> float:
+    """The median of ``values`` (the mean of the middle two for an even count)."""
+    vals = list(values)
+    if not vals:
+        raise ValueError("median of nothing")
+    return float(statistics.median(vals))
+
+
+def merge_results(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge ``rows`` into the JSON list at ``path`` (created if missing); returns the new list.
+
+    Rows whose ``name`` matches a new row are replaced in place; new names are
+    appended.  The file is replaced atomically.
+    """
+    p = Path(path)
+    existing: list[dict[str, Any]] = []
+    if p.exists() and p.stat().st_size:
+        loaded = json.loads(p.read_text())
+        if not isinstance(loaded, list):
+            raise ValueError(f"{p}: expected a JSON list of result rows")
+        existing = loaded
+    new = {r["name"]: r for r in rows}
+    merged = [new.pop(r.get("name"), r) for r in existing]
+    merged.extend(new.values())
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(merged, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, p)
+    return merged
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    """Print ``rows`` as an aligned text table; extra keys go in a last column."""
+    header = ["name", "unit", "iotd", "peer", "peer_name", "ratio", "extra"]
+    lines = [header]
+    for r in rows:
+        extra = ", ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k not in BASE_KEYS)
+        lines.append(
+            [
+                str(r.get("name")),
+                str(r.get("unit")),
+                _fmt(r.get("iotd")),
+                _fmt(r.get("peer")),
+                str(r.get("peer_name")),
+                _fmt(r.get("ratio")),
+                extra,
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for n, line in enumerate(lines):
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))

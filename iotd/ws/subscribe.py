@@ -1,0 +1,393 @@
+"""iThings-style subscriptions: one websocket, many device events.
+
+The protocol of unitedrhino iThings (``share/websocket``): after the connect
+reply the client sends ``up.sub`` / ``up.unSub`` / ``up.ping`` and receives
+``down.pub`` messages for the codes it subscribed to.
+
+One :class:`SubscribeFactory` subscribes to the event bus once.  Its index
+maps ``(tenant, code, selector)`` — a selector being one device identity form
+(``("pd", productID, deviceName)``, ``("pdi", productID, deviceName,
+identifier)``, ``("p", projectID)``, ``("pa", projectID, areaID)``) — to the
+connections subscribed with it.  An event looks up only the selectors its
+device has (at most four per code), merges the hits (so a connection gets it
+at most once) and writes one prepared frame to each.  Group keys are checked
+per event (project/area/groups may change); other keys see their tenant.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from twisted.internet.task import LoopingCall
+
+from iotd.events import Event
+from iotd.timefmt import parse_iso
+from iotd.ws.base import STATE_OPEN, SocketFactory, SocketProtocol, SocketService, dumps
+
+# code -> (event kind, resource a key needs `read` on)
+CODES = {
+    "devicePropertyReport": ("reading", "readings"),
+    "devicePropertyReportV2": ("reading", "readings"),
+    "devicePublish": ("packet", "packets"),
+    "deviceActionReport": ("action", "commands"),
+    "deviceConn": ("conn", "devices"),
+    "deviceOtaReport": ("ota", "devices"),
+}
+KIND_CODES: dict[str, tuple[str, ...]] = {}
+for _code, (_kind, _) in CODES.items():
+    KIND_CODES.setdefault(_kind, ())
+    KIND_CODES[_kind] += (_code,)
+
+MAX_SUBSCRIPTIONS = 1000
+PING_EVERY = 10.0
+MISSED_PINGS = 5
+
+OK = "成功"
+E_PARAM, E_PARAM_MSG = 100006, "参数错误"
+E_PERMISSION, E_PERMISSION_MSG = 100012, "权限不足"
+E_TYPE, E_TYPE_MSG = 100014, "参数的类型不对"
+E_NOT_IMPLEMENTED, E_NOT_IMPLEMENTED_MSG = 100018, "尚未实现"
+
+_FORMS = {
+    frozenset(("productID", "deviceName", "identifier")): "pdi",
+    frozenset(("productID", "deviceName")): "pd",
+    frozenset(("projectID",)): "p",
+    frozenset(("projectID", "areaID")): "pa",
+}
+_FORM_KEYS = {"pdi": ("productID", "deviceName", "identifier"), "pd": ("productID", "deviceName"),
+              "p": ("projectID",), "pa": ("projectID", "areaID")}
+
+
+class BadRequest(Exception):
+    def __init__(self, code: int, msg: str):
+        super().__init__(msg)
+        self.code, self.msg = code, msg
+
+
+def id_text(value: Any) -> str | None:
+    """An ID given as a string or a number, as the string it is compared by."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def selector(code: str, params: Any) -> tuple[str, ...]:
+    """The selector of one ``params`` object; :class:`BadRequest` (100006) if no form fits."""
+    if not isinstance(params, dict):
+        raise BadRequest(E_PARAM, E_PARAM_MSG)
+    given = {k: v for k, v in params.items() if v is not None}
+    form = _FORMS.get(frozenset(given))
+    if form is None or (form == "pdi" and code != "devicePropertyReport"):
+        raise BadRequest(E_PARAM, E_PARAM_MSG)
+    values = []
+    for name in _FORM_KEYS[form]:
+        text = id_text(given[name])
+        if text is None:
+            raise BadRequest(E_PARAM, E_PARAM_MSG)
+        values.append(text)
+    return (form, *values)
+
+
+def ms_of(iso_text: Any, fallback_us: int) -> str:
+    """``timestamp``: milliseconds since the epoch, as a string."""
+    if isinstance(iso_text, str):
+        try:
+            return str(parse_iso(iso_text) // 1000)
+        except (ValueError, OverflowError):
+            pass
+    return str(fallback_us // 1000)
+
+
+def content_text(data: dict[str, Any]) -> str:
+    """``devicePublish.content``: UTF-8 as is, JSON serialized, binary as hex."""
+    payload = data.get("payload")
+    encoding = data.get("payload_encoding")
+    if payload is None:
+        return ""
+    if encoding == "json" or not isinstance(payload, str):
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return payload
+
+
+def identity(device: Any, identifier: str) -> tuple[str, str, str | None, str | None]:
+    """``(productID, deviceName, projectID, areaID)`` of an event's device."""
+    if device is None:
+        return identifier, identifier, None, None
+    project = id_text(device.projectID) if device.projectID is not None else None
+    area = id_text(device.areaID) if device.areaID is not None else None
+    return device.product_id, device.device_name, project, area
+
+
+def pub(code: str, body: dict[str, Any]) -> bytes:
+    return dumps({"code": 200, "msg": OK, "type": "down.pub", "path": code, "body": body})
+
+
+class SubscribeSocket(SocketProtocol):
+    kind = "subscribe"
+    app_code: str | None = None
+    project_id: str | None = None
+    limited = False
+    _heartbeat: Any = None
+    _missed = 0
+
+    def configure(self, app_code: str | None, project_id: str | None) -> None:
+        self.app_code, self.project_id = app_code, project_id
+        self.subs: set[tuple[str, tuple[str, ...]]] = set()
+
+    # -- life -------------------------------------------------------------------
+
+    def opened(self) -> None:
+        self.limited = self.key.limited
+        self.log.info("websocket {conn} subscriptions for app {app} project {project}",
+                      conn=self.conn_id, app=self.app_code, project=self.project_id)
+        self.send_json({"code": 200, "msg": OK,
+                        "handler": {"Traceparent": secrets.token_hex(16), "connectID": str(self.conn_id)}})
+        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat.clock = self.clock
+        self._heartbeat.start(PING_EVERY, now=False)
+
+    def closed(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._heartbeat = None
+        for code, sel in getattr(self, "subs", ()):
+            self.factory.remove(self, code, sel)
+        self.subs = set()
+
+    def activity(self) -> None:
+        self._missed = 0
+
+    def _beat(self) -> None:
+        if self.state != STATE_OPEN:
+            return
+        if self._missed >= MISSED_PINGS:
+            self.log.info("websocket {conn}: {n} pings unanswered, closing", conn=self.conn_id, n=self._missed)
+            self._heartbeat.stop()
+            self.close(1000, "heartbeat timeout")
+            return
+        self._missed += 1
+        self.sendPing(str(int(self.clock.seconds())).encode())
+
+    # -- requests ---------------------------------------------------------------------
+
+    def reply(self, code: int, msg: str, type_: str | None) -> None:
+        out: dict[str, Any] = {"code": code, "msg": msg}
+        if type_:
+            out["type"] = type_
+        self.send_json(out)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            request = json.loads(payload)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            request = None
+        if not isinstance(request, dict):
+            self.reply(E_TYPE, E_TYPE_MSG, None)
+            return
+        type_ = request.get("type")
+        if not isinstance(type_, str) or not type_:
+            self.reply(E_PARAM, E_PARAM_MSG, None)
+            return
+        try:
+            if type_.startswith("down."):
+                raise BadRequest(E_NOT_IMPLEMENTED, E_NOT_IMPLEMENTED_MSG)
+            if type_ == "up.ping":
+                self.reply(200, OK, "down.pong")
+            elif type_ == "up.sub":
+                self._subscribe(request.get("body"))
+                self.reply(200, OK, "down.subRet")
+            elif type_ == "up.unSub":
+                self._unsubscribe(request.get("body"))
+                self.reply(200, OK, "down.unSubRet")
+            # other types are ignored
+        except BadRequest as e:
+            self.reply(e.code, e.msg, type_)
+
+    def _parse(self, body: Any) -> tuple[str, tuple[str, ...]]:
+        if not isinstance(body, dict):
+            raise BadRequest(E_PARAM, E_PARAM_MSG)
+        code = body.get("code")
+        if not isinstance(code, str) or code not in CODES:
+            raise BadRequest(E_PARAM, E_PARAM_MSG)
+        return code, selector(code, body.get("params"))
+
+    def _subscribe(self, body: Any) -> None:
+        code, sel = self._parse(body)
+        if not self.factory.may_subscribe(self.key, code, sel):
+            raise BadRequest(E_PERMISSION, E_PERMISSION_MSG)
+        if (code, sel) in self.subs:
+            return
+        if len(self.subs) >= MAX_SUBSCRIPTIONS:
+            raise BadRequest(E_PARAM, E_PARAM_MSG)
+        self.subs.add((code, sel))
+        self.factory.add(self, code, sel)
+        self.log.debug("websocket {conn} subscribed {code} {sel}", conn=self.conn_id, code=code, sel=sel)
+
+    def _unsubscribe(self, body: Any) -> None:
+        code, sel = self._parse(body)
+        if (code, sel) in self.subs:
+            self.subs.discard((code, sel))
+            self.factory.remove(self, code, sel)
+
+
+class SubscribeFactory(SocketFactory):
+    kind = "subscribe"
+    protocol = SubscribeSocket
+
+    def __init__(self, ctx: Any, clock: Any = None):
+        super().__init__(ctx, clock)
+        self.events = ctx.events
+        self.registry = ctx.registry
+        # (tenant, code, selector) -> {socket: None}; two tables: keys that see the whole
+        # tenant, and group keys (checked per event)
+        self._plain: dict[tuple, dict[SubscribeSocket, None]] = {}
+        self._limited: dict[tuple, dict[SubscribeSocket, None]] = {}
+        self._tenants: dict[str, int] = {}  # subscriptions per tenant, for a quick "nobody"
+        self._sub: Any = None
+
+    def start(self) -> None:
+        if self._sub is None:
+            self._sub = self.events.bus.subscribe(self.on_event, kinds=tuple(KIND_CODES))
+
+    def stop(self) -> None:
+        if self._sub is not None:
+            self._sub.cancel()
+            self._sub = None
+
+    # -- the index ------------------------------------------------------------------
+
+    def add(self, sock: SubscribeSocket, code: str, sel: tuple[str, ...]) -> None:
+        table = self._limited if sock.limited else self._plain
+        table.setdefault((sock.key.tenant, code, sel), {})[sock] = None
+        self._tenants[sock.key.tenant] = self._tenants.get(sock.key.tenant, 0) + 1
+
+    def remove(self, sock: SubscribeSocket, code: str, sel: tuple[str, ...]) -> None:
+        table = self._limited if sock.limited else self._plain
+        index = (sock.key.tenant, code, sel)
+        socks = table.get(index)
+        if socks is not None and sock in socks:
+            del socks[sock]
+            if not socks:
+                del table[index]
+            left = self._tenants.get(sock.key.tenant, 1) - 1
+            if left > 0:
+                self._tenants[sock.key.tenant] = left
+            else:
+                self._tenants.pop(sock.key.tenant, None)
+
+    def may_subscribe(self, key: Any, code: str, sel: tuple[str, ...]) -> bool:
+        """May ``key`` read what ``sel`` names (some device of it, for a group key)?"""
+        if not key.allows(CODES[code][1], "read"):
+            return False
+        if not key.limited:
+            return True
+        form = sel[0]
+        for device in self.registry.all_devices():
+            if device.tenant != key.tenant or not key.sees(device):
+                continue
+            product, name, project, area = identity(device, device.identifier)
+            if form in ("pd", "pdi") and (product, name) == (sel[1], sel[2]):
+                return True
+            if form == "p" and project == sel[1]:
+                return True
+            if form == "pa" and (project, area) == (sel[1], sel[2]):
+                return True
+        return False
+
+    # -- per event ----------------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        tenant = event.tenant
+        if tenant not in self._tenants:
+            return
+        device = self.registry.get(tenant, event.device)
+        product, name, project, area = identity(device, event.device)
+        sels: list[tuple[str, ...]] = [("pd", product, name)]
+        if project is not None:
+            sels.append(("p", project))
+            if area is not None:
+                sels.append(("pa", project, area))
+        for code in KIND_CODES[event.kind]:
+            if code == "devicePropertyReport":
+                data = event.data.get("data")
+                if isinstance(data, dict):
+                    for identifier in data:
+                        self._deliver(event, device, code, sels + [("pdi", product, name, identifier)],
+                                      identifier)
+            else:
+                self._deliver(event, device, code, sels, None)
+
+    def _gather(self, table: dict, tenant: str, code: str, sels: list) -> dict | None:
+        found = None
+        copied = False
+        for sel in sels:
+            socks = table.get((tenant, code, sel))
+            if socks:
+                if found is None:
+                    found = socks
+                else:
+                    if not copied:
+                        found, copied = dict(found), True
+                    found.update(socks)
+        return found
+
+    def _deliver(self, event: Event, device: Any, code: str, sels: list, identifier: str | None) -> None:
+        tenant = event.tenant
+        plain = self._gather(self._plain, tenant, code, sels)
+        limited = self._gather(self._limited, tenant, code, sels) if self._limited else None
+        if not plain and not limited:
+            return
+        key = code if identifier is None else f"{code}:{identifier}"
+        frame = self.prepared(event, "sub:" + key, lambda e: self.message(e, device, code, identifier))
+        if plain:
+            self.broadcast(event.kind, frame, plain)
+        if limited and device is not None:
+            self.broadcast(event.kind, frame, [s for s in limited if s.key.sees(device)])
+
+    def message(self, event: Event, device: Any, code: str, identifier: str | None) -> bytes:
+        """The ``down.pub`` message of ``code`` for ``event`` (built once per event)."""
+        product, name, _, _ = identity(device, event.device)
+        data = event.data
+        who = {"productID": product, "deviceName": name}
+        if code == "devicePropertyReport":
+            body = {"device": who, "timestamp": ms_of(data.get("measured_at"), event.inserted_us),
+                    "identifier": identifier, "param": data["data"][identifier]}
+        elif code == "devicePropertyReportV2":
+            body = {"device": who, "timestamp": ms_of(data.get("measured_at"), event.inserted_us),
+                    "params": data.get("data")}
+        elif code == "devicePublish":
+            action = data.get("packet_type")
+            body = {"productID": product, "deviceName": name, "content": content_text(data),
+                    "topic": data.get("interface_id") or "",
+                    "action": action if action in ("up", "down") else "up",
+                    "timestamp": ms_of(data.get("transceived_at"), event.inserted_us),
+                    "requestID": str(event.id), "traceID": "", "resultCode": 200, "respPayload": ""}
+        elif code == "deviceActionReport":
+            body = {"device": who, "msgToken": str(data.get("msgToken", "")),
+                    "timestamp": str(event.inserted_us // 1000), "actionID": data.get("actionID", ""),
+                    "params": data.get("params"), "code": data.get("code", 200), "msg": data.get("msg", ""),
+                    "dir": data.get("dir", "down"), "reqType": data.get("reqType", "req")}
+        elif code == "deviceConn":
+            body = {"device": who, "timestamp": str(event.inserted_us // 1000), "status": data.get("status")}
+        else:  # deviceOtaReport
+            body = {"device": who, "timestamp": str(event.inserted_us // 1000), "status": data.get("status"),
+                    "detail": data.get("detail", ""), "step": data.get("step")}
+        return pub(code, body)
+
+
+def job(ctx: Any, parent: Any) -> Any:
+    """The subscriptions job: its service (1001 on stop) and its Klein route."""
+    from iotd.web import sockets
+
+    factory = SubscribeFactory(ctx)
+    SocketService("subscribe-ws", factory, on_start=factory.start, on_stop=factory.stop).setServiceParent(parent)
+    ctx.jobs["subscribe"] = factory
+    return lambda app, ctx: sockets.subscribe_routes(app, ctx, factory)
