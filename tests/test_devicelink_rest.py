@@ -92,6 +92,7 @@ async def test_validation_errors(daemon):
     await daemon.put_device("noport", host="127.0.0.1")
     await daemon.put_device("nohost", ports={"default": 1})
     await daemon.put_device("far", host="10.1.2.3", ports={"default": 1})
+    await daemon.put_device("named", host="localhost", ports={"default": 1})
     cases = [
         ("ghost", {"protocol": "tcp"}, 404),
         ("nohost", {"protocol": "tcp"}, 422),
@@ -104,6 +105,9 @@ async def test_validation_errors(daemon):
         ("noport", {"protocol": "tcp", "devicePort": 1, "source": {"host": "nowhere", "port": 1}}, 422),
         ("far", {"protocol": "tcp"}, 403),
     ]
+    # a host name cannot be checked against allowed_device_networks: refused
+    status, out = await daemon.request("POST", "/api/v1/devicelink/named", {"protocol": "tcp"})
+    assert status == 403
     for device, body, code in cases:
         status, out = await daemon.request("POST", f"/api/v1/devicelink/{device}", body)
         assert status == code, (device, body, out)
@@ -148,3 +152,18 @@ async def test_deleting_the_device_closes_its_links(daemon, echo_server):
     assert (await daemon.request("DELETE", "/api/v1/devices/plc"))[0] == 204
     status, listing = await daemon.request("GET", "/api/v1/devicelink")
     assert listing["items"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_link_to_a_host_name_is_422(tmp_path):
+    from conftest import make_config, start_daemon, stop_daemon
+
+    d = await start_daemon(make_config(tmp_path, {"devicelink": {"port_range": "45320-45322"}}))
+    try:
+        await d.put_device("named", host="localhost", ports={"default": 9})
+        status, out = await d.request("POST", "/api/v1/devicelink/named", {"protocol": "udp"})
+        assert status == 422 and "udp" in out["error"]["message"].lower()
+        status, out = await d.request("POST", "/api/v1/devicelink/named", {"protocol": "tcp"})
+        assert status == 201
+    finally:
+        await stop_daemon(d)

@@ -5,8 +5,8 @@ device's registry ``host``; ``DELETE /api/v1/devicelink/{token}`` closes it;
 ``GET /api/v1/devicelink`` lists the tenant's open links.  The relay itself
 is :mod:`iotd.relay`.
 
-A device ``host`` that is a name rather than an address is passed to the
-reactor's resolver when the client connects; with
+A device ``host`` that is a name rather than an address is resolved when a
+TCP link's client connects; a UDP link needs an address (422 otherwise).  With
 ``[devicelink] allowed_device_networks`` set, only address literals inside
 those networks are accepted (403 otherwise), since a name could resolve
 anywhere.
@@ -117,6 +117,8 @@ def routes(app: Klein, ctx: Context) -> None:
                                 source=source, key=req["_key"], iv=req["_iv"])
         except NoFreePort as e:
             raise errors.Unavailable(str(e) or "no free link port", code="no_free_port") from None
+        except ValueError as e:  # e.g. a UDP link to a device whose host is a name
+            raise errors.Invalid(str(e)) from None
         out = {k: v for k, v in req.items() if not k.startswith("_") and v is not None}
         out.update(device=device.identifier, port=link.port, token=link.token)
         if cfg.public_host:
