@@ -16,12 +16,17 @@ Processes (all on loopback, started by :func:`run`):
 Rows:
 
 * ``fanout_1000``: 1,000 sockets on one device's packet socket; events
-  delivered per second (frames received, all sockets together) at saturation.
+  delivered per second (frames received, all sockets together) at saturation
+  (the ingester posts batches of 20 in a closed loop, 2 requests in flight).
 * ``fanout_subscribe_1000``: 1,000 subscription connections, each with
   ``up.sub devicePublish {projectID}``; same peer figure.
 * ``fanout_latency_p99``: 1,000 device sockets on 1,000 devices, 1,000
-  events/s ingested round-robin; ms from the ingest request being sent (the
-  timestamp in the payload) to the frame received; ratio = peer/iotd.
+  events/s ingested round-robin (one event per request).  ``iotd``/``peer``
+  and ``p50``: ms from the ingest acknowledged (the ingester notes when each
+  201 arrived) to the frame received (0 when the frame came first); ratio =
+  peer/iotd.  ``send_p50``/``send_p99``: ms from the request being sent (the
+  timestamp embedded in the payload) to the frame received, i.e. including
+  the ingest itself (HTTP, validation, the SQLite commit).
 * ``idle_sockets_10000_rss_mb``: RSS of the daemon holding 10,000 idle
   sockets; ratio = 500/measured.
 

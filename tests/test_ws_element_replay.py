@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from iotd.timefmt import parse_iso
-from ws_helpers import Client, sleep, ws_url
+from ws_helpers import Client, RawClient, in_thread, sleep, ws_url
 
 
 async def packets(daemon, device: str, count: int, **extra) -> list[dict]:
@@ -95,6 +95,28 @@ async def test_replay_past_the_limit_closes_with_4000_and_resumes(daemon):
     rest = await client.events(50)
     assert [e["body"]["id"] for e in rest] == [s["id"] for s in stored[150:]]
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_reader_slows_its_replay_and_is_not_cut(daemon):
+    await daemon.put_device("gate-01")
+    start = await packets(daemon, "gate-01", 1)
+    stored = []
+    for _ in range(10):  # 1,000 events of about 8 KB: more than the kernel's socket buffers
+        stored += await packets(daemon, "gate-01", 100, payload="ab" * 4000, payload_encoding="binary")
+    after = start[0]["inserted_at"].replace(":", "%3A")
+    raw = await RawClient.open(daemon, f"/api/v1/devices/gate-01/packets/socket?auth={daemon.admin_key}&after={after}")
+    try:
+        assert raw.status == 101
+        await sleep(0.5)
+        (sock,) = daemon.ctx.jobs["element"].sockets
+        assert sock._follower is not None  # still replaying: it waits for the client
+        assert sock._follower.last_id < stored[-1]["id"]
+        assert sock.state == sock.STATE_OPEN and not sock._cut
+        events = await in_thread(raw.read_events, len(stored))
+        assert [e["body"]["id"] for e in events] == [s["id"] for s in stored]
+    finally:
+        raw.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -238,3 +238,14 @@ async def test_many_sockets_on_one_device_all_get_each_event_once(daemon):
             await client.close()
     await sleep(0.1)
     assert daemon.ctx.jobs["element"]._index == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_larger_than_the_client_message_cap_are_delivered(daemon):
+    await setup_registry(daemon)
+    client = await Client.open(ws_url(daemon, "/api/v1/devices/gate-01/packets/socket", auth=daemon.admin_key))
+    try:
+        stored = await packet(daemon, "gate-01", payload="x" * 200_000, payload_encoding="utf8")
+        assert (await client.recv_json())[0]["body"] == stored
+    finally:
+        await client.close()

@@ -209,6 +209,23 @@ class RawClient:
         except TimeoutError:
             return out, "timeout"
 
+    def read_events(self, count: int, timeout: float = 10.0) -> list:
+        """Read text frames (JSON arrays) until ``count`` events arrived (blocking)."""
+        self.sock.settimeout(timeout)
+        data, events = b"", []
+        while len(events) < count:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+            frames = parse_frames(data)
+            consumed = sum(_frame_size(payload) for _, payload in frames)
+            data = data[consumed:]
+            for opcode, payload in frames:
+                if opcode == 0x1:
+                    events.extend(json.loads(payload))
+        return events
+
     def send_text(self, text: str) -> None:
         """One masked text frame (payload under 126 bytes)."""
         payload = text.encode()
@@ -219,6 +236,11 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _frame_size(payload: bytes) -> int:
+    n = len(payload)
+    return n + (2 if n < 126 else 4 if n < 65536 else 10)
 
 
 def parse_frames(data: bytes) -> list[tuple[int, bytes]]:

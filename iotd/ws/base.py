@@ -230,14 +230,20 @@ class SocketProtocol(WebSocketServerProtocol):
         if do_write is not None and transport.connected and not transport.disconnecting:
             do_write()
 
-    def send_json(self, value: Any) -> None:
-        if self.state == STATE_OPEN:
-            self.sendMessage(dumps(value))
-            self.flush()
+    def send_text(self, payload: bytes, flush: bool = True) -> None:
+        """One text message of any size.
 
-    def send_raw(self, payload: bytes) -> None:
+        Autobahn's ``sendMessage`` applies ``maxMessagePayloadSize`` (our 64 KiB
+        cap on *client* messages) to outgoing messages too; a prepared message
+        is not checked, so everything we send goes that way.
+        """
         if self.state == STATE_OPEN:
-            self.sendMessage(payload)
+            self.sendPreparedMessage(self.factory.prepareMessage(payload))
+            if flush:
+                self.flush()
+
+    def send_json(self, value: Any) -> None:
+        self.send_text(dumps(value))
 
     def too_slow(self) -> None:
         """Unsent data passed ``max_buffer_bytes``: queue 1008, abort, count."""
@@ -370,6 +376,7 @@ class SocketFactory(WebSocketServerFactory):
     def broadcast(self, event_kind: str, prepared: Any, sockets: Iterable[SocketProtocol]) -> int:
         """Write one prepared frame to each open socket; returns how many got it."""
         sent = 0
+        sockets = tuple(sockets)  # a socket may leave its set while we write
         for proto in sockets:
             if proto.state == STATE_OPEN:
                 proto.sendPreparedMessage(prepared)

@@ -205,7 +205,7 @@ class ElementSocket(SocketProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary and payload.strip() == b"ping":
-            self.send_raw(b"pong")
+            self.send_text(b"pong")
         # anything else is ignored: the API is server -> client only
 
     # -- which events -----------------------------------------------------------
@@ -297,7 +297,7 @@ class ElementSocket(SocketProtocol):
                 packet = await factory.packet_of(event.tenant, event.data.get("packet_id"))
             items.append(factory.item(event, self.preload, self.variant, device, packet))
         if self.state == STATE_OPEN:
-            self.sendMessage(b"[" + b",".join(items) + b"]")
+            self.send_text(b"[" + b",".join(items) + b"]", flush=False)
             factory.delivered(self.event_kind, len(items))
 
     def _followed(self, event: Event) -> None:
@@ -343,7 +343,6 @@ class ElementSocket(SocketProtocol):
         while queue and queue[0][3]:
             event, device, packet, _ = queue.popleft()
             self._send_live(event, device, packet)
-        self.flush()
 
     def _send_live(self, event: Event, device: Any, packet: Event | None) -> None:
         if self.state != STATE_OPEN:
