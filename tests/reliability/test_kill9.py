@@ -60,3 +60,23 @@ def test_acknowledged_events_survive_kill_9(tmp_path):
         assert status == 201 and body["id"] > max(acked)
     finally:
         assert d2.stop() == 0
+
+
+def test_queued_and_sent_commands_survive_kill_9(tmp_path):
+    ini = "[push]\ncommand_timeout = 600\n"
+    d = DaemonProcess(tmp_path, ini).start()
+    key = d.admin_key
+    assert d.request("PUT", "/api/v1/devices/door", {"pushId": 99}, key=key)[0] == 201
+    ids = [d.request("POST", "/api/v1/devices/door/commands", {"endpoint": "open_door", "body": {"n": n}}, key=key)[1]["id"]
+           for n in range(3)]
+    with urllib.request.urlopen(d.url + "/push?deviceId=99", timeout=10) as resp:
+        assert json.loads(resp.read())["body"] == {"n": 0}  # answered only after "sent" was committed
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+
+    d2 = DaemonProcess(tmp_path, ini, port=d.port).start()
+    try:
+        states = [d2.request("GET", f"/api/v1/commands/{i}", key=key)[1]["status"] for i in ids]
+        assert states == ["sent", "queued", "queued"]
+    finally:
+        assert d2.stop() == 0
