@@ -70,7 +70,7 @@ class Daemon:
 def make_config(tmp_path, overrides: dict | None = None) -> configmod.Config:
     sections = {"iotd": {"data_dir": str(tmp_path / "data")},
                 "http": {"listen": "tcp:0:interface=127.0.0.1"},
-                "devicelink": {"port_range": "45000-45099"}}
+                "devicelink": {"port_range": "31000-31099"}}  # below the ephemeral range
     for section, values in (overrides or {}).items():
         sections.setdefault(section, {}).update(values)
     text = "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {v}" for k, v in kv.items()) for s, kv in sections.items())

@@ -10,7 +10,7 @@ from twisted.internet import protocol, reactor, threads
 
 @pytest.fixture
 def daemon_config():
-    return {"devicelink": {"port_range": "45310-45312", "allowed_device_networks": "127.0.0.0/8"}}
+    return {"devicelink": {"port_range": "31310-31312", "allowed_device_networks": "127.0.0.0/8"}}
 
 
 class Echo(protocol.Protocol):
@@ -52,7 +52,7 @@ async def test_tcp_link_relays_and_delete_closes_and_frees_the_port(daemon, echo
     status, link = await daemon.request("POST", "/api/v1/devicelink/Plc-1", {"protocol": "tcp"})
     assert status == 201, link
     assert link["device"] == "PLC-1" and link["devicePort"] == echo_server and link["timeout"] == 0
-    assert len(link["token"]) >= 22 and 45310 <= link["port"] <= 45312
+    assert len(link["token"]) >= 22 and 31310 <= link["port"] <= 31312
     client = socket.create_connection(("127.0.0.1", link["port"]), timeout=5)
     try:
         client.sendall(b"hello device")
@@ -158,7 +158,7 @@ async def test_deleting_the_device_closes_its_links(daemon, echo_server):
 async def test_udp_link_to_a_host_name_is_422(tmp_path):
     from conftest import make_config, start_daemon, stop_daemon
 
-    d = await start_daemon(make_config(tmp_path, {"devicelink": {"port_range": "45320-45322"}}))
+    d = await start_daemon(make_config(tmp_path, {"devicelink": {"port_range": "31320-31322"}}))
     try:
         await d.put_device("named", host="localhost", ports={"default": 9})
         status, out = await d.request("POST", "/api/v1/devicelink/named", {"protocol": "udp"})
