@@ -94,3 +94,21 @@ async def test_prune_removes_only_old_events(store):
     assert await log.prune(cutoff) == 1
     left = await log.read("t", ["reading"], 0, 10)
     assert [e.data["n"] for e in left] == [2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_writer_fails_writes_instead_of_hanging(tmp_path):
+    from iotd.store import StoreUnavailable
+
+    s = Store(str(tmp_path / "dead.sqlite3"), reactor)
+    await s.start()
+
+    def broken(conn, work):  # the writer's own machinery fails (not a user function)
+        raise MemoryError("simulated")
+
+    s._run_batch = broken
+    with pytest.raises(StoreUnavailable):
+        await s.write(evsql.insert, [("t", "reading", "D", {})])
+    with pytest.raises(StoreUnavailable):
+        await s.write(evsql.insert, [("t", "reading", "D", {})])
+    await s.stop()  # returns instead of waiting for the dead thread

@@ -120,6 +120,7 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._running = False
+        self._inflight: list = []
         self.commits = 0  # transactions committed, for tests and metrics
 
     # -- life cycle -------------------------------------------------------
@@ -135,6 +136,9 @@ class Store:
         self._local = threading.local()
         self._pool = ThreadPool(minthreads=1, maxthreads=self._readers_max, name="iotd-store-read")
         self._pool.start()
+        # Reader threads must never keep the process alive, whatever path shutdown takes.
+        pool = self._pool
+        self._reactor.addSystemEventTrigger("after", "shutdown", lambda: pool.joined or pool.stop())
         self._running = True
 
     async def stop(self) -> None:
@@ -172,8 +176,24 @@ class Store:
         self._write_loop(conn)
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            self._write_batches(conn)
+        except BaseException:  # never leave stop() waiting on a dead writer
+            self.log.failure("store writer thread died")
+            self._running = False
+            items = self._inflight
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            dead = Failure(StoreUnavailable("store writer died"))
+            self._reactor.callFromThread(
+                self._deliver, [(item[2], None if item[0] is _STOP else dead) for item in items])
+
+    def _write_batches(self, conn: sqlite3.Connection) -> None:
         while True:
-            batch = [self._queue.get()]
+            batch = self._inflight = [self._queue.get()]
             while len(batch) < BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -189,6 +209,7 @@ class Store:
                     work.append(item)
             if work:
                 results = self._run_batch(conn, work)
+            self._inflight = []
             if results:
                 self._reactor.callFromThread(self._deliver, results)
             if stop is not None:
