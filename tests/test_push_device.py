@@ -113,6 +113,18 @@ async def test_two_concurrent_polls_of_one_device_never_get_two_commands(clocked
 
 
 @pytest_twisted.ensureDeferred
+async def test_head_or_post_on_push_never_hands_out_a_command(clocked):
+    d, _ = clocked
+    await d.put_device("gate", pushId=1)
+    await queue(d, "gate", {"endpoint": "load_objects"})
+    for method in ("HEAD", "POST"):
+        resp = await treq.request(method, d.url + "/push?deviceId=1")
+        await resp.content()
+        assert resp.code == 405
+    assert (await poll(d.url, 1))[1] == {"endpoint": "load_objects"}
+
+
+@pytest_twisted.ensureDeferred
 async def test_unknown_device_is_auto_registered_with_its_address(clocked):
     d, clock = clocked
     status, body, _ = await poll(d.url, 9001, uuid="u")

@@ -13,6 +13,7 @@ import sqlite3
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
 
 from iotd import errors
 from iotd.commands import CommandService, parse_result
@@ -367,6 +368,21 @@ async def test_restart_sweeps_a_sent_command_on_its_last_attempt(make):
     w2.clock.advance(TIMEOUT)  # nobody polls
     await w2.svc.settle()
     assert w2.row(cmd.id)["error"] == "no result after 1 attempts"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_writes_every_pending_change_before_the_store_closes(make):
+    w = await make()
+    a, b = await w.device("A", 1), await w.device("B", 2)
+    ca, cb = await w.queue(a), await w.queue(b)
+    sent_a, sent_b = w.svc.hand_out(a), w.svc.hand_out(b)  # b's send waits behind a's write
+    # The service tree stops push, then the core (store) right away, without waiting.
+    stopping, closing = w.svc.stopService(), defer.ensureDeferred(w.store.stop())
+    await stopping
+    await closing
+    w.stopped = True
+    await defer.DeferredList([sent_a[1], sent_b[1]])
+    assert (w.row(ca.id)["status"], w.row(cb.id)["status"]) == ("sent", "sent")
 
 
 def test_parse_result_keeps_what_firmware_sends():

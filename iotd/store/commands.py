@@ -11,6 +11,8 @@ import json
 import sqlite3
 from typing import Any
 
+from iotd.store import events as evsql
+
 UNFINISHED = ("queued", "sent")
 STATES = ("queued", "sent", "done", "failed", "cancelled")
 
@@ -51,6 +53,24 @@ def finish(conn: sqlite3.Connection, command_id: int, status: str, finished_us: 
         "WHERE id = ?",
         (status, finished_us, response_raw, response_json, error, command_id),
     )
+
+
+def apply(conn: sqlite3.Connection, changes: list[tuple], events: list[tuple[str, str, str, dict]]) -> list[evsql.Row]:
+    """Apply a batch of transitions and insert their events, in one transaction.
+
+    ``changes`` are ``("sent", id, attempts, sent_us)`` and ``("finish", id,
+    status, finished_us, response_raw, response_json, error)``; ``events`` are
+    event-log items as for :func:`iotd.store.events.insert`, whose rows are
+    returned (the caller publishes them after the commit).
+    """
+    for change in changes:
+        if change[0] == "sent":
+            mark_sent(conn, *change[1:])
+        elif change[0] == "finish":
+            finish(conn, *change[1:])
+        else:
+            raise ValueError(f"unknown command change {change[0]!r}")
+    return evsql.insert(conn, events) if events else []
 
 
 def load_unfinished(conn: sqlite3.Connection) -> list[Row]:
