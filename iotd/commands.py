@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any, Callable
 
 from twisted.application import service
@@ -61,6 +61,18 @@ _idle = _polls["idle"]
 
 def _logged(failure: Failure) -> None:
     """Errback for a write nobody waits on: the pipeline already logged it."""
+
+
+def _fire(failure: Failure | None, d: defer.Deferred) -> None:
+    """An after-commit callback that fires a Deferred."""
+    if failure is not None:
+        d.errback(failure)
+    else:
+        d.callback(None)
+
+
+def _fire_sent(failure: Failure | None, cmd: "Command", d: defer.Deferred) -> None:
+    _fire(failure, d)
 
 
 def _dumps(value: Any) -> str:
@@ -216,8 +228,8 @@ class CommandService(service.Service):
         self._pending: set[defer.Deferred] = set()
         self._changes: list[tuple] = []
         self._event_items: list[tuple[str, str, str, dict[str, Any]]] = []
-        self._committed: list[defer.Deferred] = []
-        self._inflight: deque[defer.Deferred] = deque()  # pipeline writes, oldest first
+        self._committed: list[tuple] = []  # (fn, *args) to call after the pending write
+        self._inflight: list[defer.Deferred] = []  # pipeline writes in flight
         self._stopping = False
         self._counts: dict[str, int] = {s: 0 for s in STATES}
         self.ready = False
@@ -310,19 +322,21 @@ class CommandService(service.Service):
     def _write(self, fn: Callable[..., Any], *args: Any, quiet: bool = True) -> defer.Deferred:
         return self._track(self._store.write(fn, *args), fn.__name__, quiet)
 
-    def _persist(self, change: tuple | None, event: tuple | None, want: bool = False) -> defer.Deferred | None:
-        """Queue a transition and/or an event; with ``want``, a Deferred firing after its commit."""
+    def _persist(self, change: tuple | None, event: tuple | None, then: tuple | None = None) -> None:
+        """Queue a transition and/or an event for the next write.
+
+        ``then`` is ``(fn, *args)``: ``fn(failure_or_None, *args)`` runs once the
+        write committed (or failed).  A plain callback, not a Deferred: on the
+        hot path thousands of these wait for a commit at once.
+        """
         if change is not None:
             self._changes.append(change)
         if event is not None:
             self._event_items.append(event)
-        d = None
-        if want:
-            d = defer.Deferred()
-            self._committed.append(d)
+        if then is not None:
+            self._committed.append(then)
         if not self._inflight or self._stopping:
             self._flush()
-        return d
 
     def _emit(self, items: list[tuple[str, str, str, dict[str, Any]]]) -> None:
         self._event_items.extend(items)
@@ -335,20 +349,22 @@ class CommandService(service.Service):
         d = self._store.write(cmdsql.apply, changes, events)
         self._inflight.append(d)
         self._pending.add(d)
-        d.addBoth(self._flushed, waiting)
+        d.addBoth(self._flushed, d, waiting)
 
-    def _flushed(self, result: Any, waiting: list[defer.Deferred]) -> None:
-        # The store answers writes in the order they were queued: this is the oldest.
-        self._pending.discard(self._inflight.popleft())
+    def _flushed(self, result: Any, d: defer.Deferred, waiting: list[defer.Deferred]) -> None:
+        self._inflight.remove(d)  # (at most two in flight: the usual one, and one while stopping)
+        self._pending.discard(d)
+        failure = None
         if isinstance(result, Failure):
             self.log.failure("push: writing command changes failed", result)
-            for d in waiting:
-                d.errback(result)
-        else:
-            if result:
-                self._events.bus.publish([Event.from_row(row) for row in result])
-            for d in waiting:
-                d.callback(None)
+            failure = result
+        elif result:
+            self._events.bus.publish([Event.from_row(row) for row in result])
+        for then in waiting:
+            try:
+                then[0](failure, *then[1:])
+            except Exception:
+                self.log.failure("push: after-commit callback failed")
         # (the callbacks above may have started the next write already)
         if not self._inflight and (self._changes or self._event_items or self._committed):
             self._flush()
@@ -459,11 +475,17 @@ class CommandService(service.Service):
             self._schedule_offline(now)
 
     def hand_out(self, device: Any) -> tuple[Command, defer.Deferred] | None:
-        """The command ``/push`` answers with (and its send's commit), or None for empty.
+        """The command ``/push`` answers with and a Deferred for its send's commit, or None (empty).
 
         Synchronous: the decision is taken before anything else can run, so a
         concurrent poll of the same device sees the command already ``sent``.
         """
+        d: defer.Deferred = defer.Deferred()
+        cmd = self.hand_out_then(device, _fire_sent, d)
+        return (cmd, d) if cmd is not None else None
+
+    def hand_out_then(self, device: Any, fn: Callable[..., Any], *args: Any) -> Command | None:
+        """As :meth:`hand_out`; ``fn(failure_or_None, cmd, *args)`` runs after the send committed."""
         queue = self._queues.get((device.tenant, device.identifier))
         if not queue:
             _idle.inc()
@@ -472,18 +494,20 @@ class CommandService(service.Service):
         while queue:
             cmd = queue[0]
             if cmd.status == "queued":
-                return cmd, self._send(cmd, now)
+                self._send(cmd, now, (fn, cmd) + args)
+                return cmd
             if now + EPSILON < cmd.sent_at + self.command_timeout:
                 break  # in flight: the device must answer (or time out) first
             if cmd.attempts < self.max_attempts:
                 self.log.info("command {id} to {device}: no result after {timeout} s, sending again",
                               id=cmd.id, device=cmd.device, timeout=self.command_timeout)
-                return cmd, self._send(cmd, now)
+                self._send(cmd, now, (fn, cmd) + args)
+                return cmd
             self._fail_unanswered(cmd)
         _polls["busy" if queue else "idle"].inc()
         return None
 
-    def _send(self, cmd: Command, now: float) -> defer.Deferred:
+    def _send(self, cmd: Command, now: float, then: tuple) -> None:
         old = cmd.status
         cmd.status = "sent"
         cmd.attempts += 1
@@ -496,10 +520,10 @@ class CommandService(service.Service):
         if cmd.attempts >= self.max_attempts:
             self._schedule_sweep(now + self.command_timeout, cmd.id)
         # Committed with its event, which is published before the device gets its answer.
-        return self._persist(("sent", cmd.id, cmd.attempts, cmd.sent_us), (cmd.tenant, "action", cmd.device, {
+        self._persist(("sent", cmd.id, cmd.attempts, cmd.sent_us), (cmd.tenant, "action", cmd.device, {
             "dir": "down", "reqType": "req", "actionID": cmd.endpoint,
             "params": cmd.body if cmd.has_body else None, "code": 200, "msg": "",
-            "msgToken": str(cmd.id)}), want=True)
+            "msgToken": str(cmd.id)}), then)
 
     def in_flight(self, device: Any) -> Command | None:
         queue = self._queues.get((device.tenant, device.identifier))
@@ -508,13 +532,19 @@ class CommandService(service.Service):
         return None
 
     def complete(self, device: Any, raw: bytes, endpoint: str | None = None) -> defer.Deferred | None:
-        """``/result`` from ``device``: finish its sent command; None for an orphan."""
+        """``/result`` from ``device``: finish its sent command (Deferred: committed); None for an orphan."""
+        d: defer.Deferred = defer.Deferred()
+        return d if self.complete_then(device, raw, endpoint, _fire, d) else None
+
+    def complete_then(self, device: Any, raw: bytes, endpoint: str | None, fn: Callable[..., Any],
+                      *args: Any) -> bool:
+        """As :meth:`complete`; ``fn(failure_or_None, *args)`` runs after the commit; False for an orphan."""
         cmd = self.in_flight(device)
         if cmd is None:
             _results["orphan"].inc()
             self.log.info("result from {device} with no command waiting for it (orphan)",
                           device=device.identifier)
-            return None
+            return False
         if endpoint is not None and endpoint != cmd.endpoint:
             self.log.warn("result from {device} names endpoint {got!r} but command {id} is {want!r}",
                           device=device.identifier, got=endpoint[:200], id=cmd.id, want=cmd.endpoint)
@@ -529,7 +559,8 @@ class CommandService(service.Service):
             _results["failed"].inc()
             self.log.info("command {id} to {device} failed: {error}", id=cmd.id, device=cmd.device,
                           error=outcome["error"][:200])
-        return self._finish(cmd, **outcome)
+        self._finish(cmd, then=(fn,) + args, **outcome)
+        return True
 
     # -- finishing ------------------------------------------------------------
 
@@ -539,8 +570,12 @@ class CommandService(service.Service):
         self._finish(cmd, "failed", error=f"no result after {cmd.attempts} attempts").addErrback(_logged)
 
     def _finish(self, cmd: Command, status: str, response_raw: str | None = None, response: Any = None,
-                parsed: bool = False, error: str | None = None, event: bool = True) -> defer.Deferred:
-        """End ``cmd``; the Deferred fires once that is committed (waiters wake then)."""
+                parsed: bool = False, error: str | None = None, event: bool = True,
+                then: tuple | None = None) -> defer.Deferred | None:
+        """End ``cmd``.  Once that is committed, ``?wait=`` waiters wake and ``then`` runs.
+
+        Without ``then``, returns a Deferred that fires then.
+        """
         key = (cmd.tenant, cmd.device)
         queue = self._queues.get(key)
         if queue is not None:
@@ -566,15 +601,17 @@ class CommandService(service.Service):
                 "code": 200 if status == "done" else 500, "msg": error or "",
                 "msgToken": str(cmd.id),
                 "response": cmd.shown_response if status == "done" else None})
-        d = self._persist(("finish", cmd.id, status, cmd.finished_us, response_raw,
-                           response_raw if parsed else None, error), item, want=True)
-
-        def committed(result):
-            self._wake(cmd)
-            return result
-
-        d.addBoth(committed)
+        d = None
+        if then is None:
+            d = defer.Deferred()
+            then = (_fire, d)
+        self._persist(("finish", cmd.id, status, cmd.finished_us, response_raw,
+                       response_raw if parsed else None, error), item, (self._finished, cmd, then))
         return d
+
+    def _finished(self, failure: Failure | None, cmd: Command, then: tuple) -> None:
+        self._wake(cmd)
+        then[0](failure, *then[1:])
 
     # -- timers ---------------------------------------------------------------
 

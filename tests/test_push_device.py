@@ -353,6 +353,33 @@ async def test_push_listen_serves_the_device_side_alone(tmp_path):
         await stop_daemon(d)
 
 
+@pytest_twisted.ensureDeferred
+async def test_device_side_also_works_through_plain_klein_routing(clocked):
+    """A site built without the fast path (Klein routing only) serves the same protocol."""
+    from klein.resource import KleinResource
+    from twisted.internet import reactor
+    from twisted.web import server
+
+    from iotd.web.app import make_app
+    from iotd.web.push import device_routes
+
+    d, _ = clocked
+    port = reactor.listenTCP(0, server.Site(KleinResource(make_app(d.ctx, [device_routes]))),
+                             interface="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        await d.put_device("gate", pushId=3)
+        assert (await poll(url, 3))[:2] == (200, None)
+        cmd = await queue(d, "gate", {"endpoint": "load_objects"})
+        assert (await poll(url, 3))[1] == {"endpoint": "load_objects"}
+        assert await post_result(url, 3, {"response": "{}"}) == (200, b"")
+        assert (await command(d, cmd["id"]))["status"] == "done"
+        resp = await treq.get(url + "/push?deviceId=x")
+        assert resp.code == 400 and json.loads(await resp.content())["error"]["code"] == "invalid_device_id"
+    finally:
+        await port.stopListening()
+
+
 @pytest.mark.parametrize("push_config", [{"push": {"enabled": "false"}}])
 @pytest_twisted.ensureDeferred
 async def test_push_disabled_serves_no_push(clocked):

@@ -221,15 +221,14 @@ class DeviceSide:
                 return self.empty(request)
             return defer.Deferred.fromCoroutine(self._register(request, device_id, host))
         self.svc.seen(device, host)
-        got = self.svc.hand_out(device)
-        if got is None:
+        if self.svc.hand_out_then(device, _sent, request) is None:
             return self.empty(request)
-        cmd, committed = got
-        return committed.addCallback(lambda _: self._command(request, cmd))
+        request.quiet = True  # every send is an action event in the event log
+        return NOT_DONE_YET  # answered by _sent once the send is committed
 
     @staticmethod
     def _command(request: Any, cmd: Command) -> bytes:
-        request.quiet = True  # every send is an action event in the event log
+        request.quiet = True
         request.setHeader(b"content-type", b"application/json")
         return cmd.payload()
 
@@ -301,29 +300,25 @@ class DeviceSide:
             self.unknown(device_id, host, "result")
             return self.empty(request)
         self.svc.seen(device, host)
-        done = self.svc.complete(device, raw, endpoint)
         request.quiet = True
         request.defaultContentType = None
-        if done is None:
-            return b""
-        return done.addCallback(lambda _: b"")
+        if not self.svc.complete_then(device, raw, endpoint, _completed, request):
+            return b""  # an orphan
+        return NOT_DONE_YET  # answered by _completed once the result is committed
 
 
-class DevicePaths(Resource):
-    """``GET /push`` and ``POST /result`` answered without Klein's routing; the rest goes to ``inner``.
+class DeviceResource(Resource):
+    """``GET /push`` and ``POST /result`` as a plain twisted.web leaf (no Klein machinery).
 
-    Klein's per-request work (werkzeug URL matching, URL reconstruction, a
-    Deferred chain per request) cost more than the poll itself: with 10,000
-    devices polling, an idle poll served through Klein reached about half of
-    a bare twisted.web resource.  The same handlers stay registered as Klein
-    routes (405s, and any site built without this wrapper).
+    A handler answers with bytes (idle poll, orphan), ``NOT_DONE_YET`` (a
+    command or a result: answered by a callback once the store committed), or
+    a Deferred (the first poll of an unknown device, or before the queue is loaded).
     """
 
     isLeaf = True
 
-    def __init__(self, inner: Resource, side: "DeviceSide"):
+    def __init__(self, side: "DeviceSide"):
         super().__init__()
-        self._inner = inner
         self._side = side
 
     def render(self, request: Any) -> Any:
@@ -333,19 +328,45 @@ class DevicePaths(Resource):
         elif path == b"/result" and method == b"POST":
             handler = self._side.result
         else:
-            return self._inner.render(request)
+            err = errors.MethodNotAllowed(f"method {method.decode('latin-1')[:20]} not allowed here")
+            return respond(request, err.status, err.to_json())
         try:
             result = handler(request)
         except Exception:
             return _error_body(request, Failure())
-        if isinstance(result, bytes):
+        if result is NOT_DONE_YET or isinstance(result, bytes):
             return result
         result.addCallbacks(_answer, _failed, callbackArgs=(request,), errbackArgs=(request,))
         return NOT_DONE_YET
 
 
-def _answer(body: bytes, request: Any) -> None:
-    if request.channel is None:  # the device hung up meanwhile
+class DevicePaths(Resource):
+    """The site's resource: ``GET /push`` and ``POST /result`` go straight to :class:`DeviceResource`,
+    everything else to ``inner`` (the Klein app).
+
+    Klein's per-request work (werkzeug URL matching, URL reconstruction, a
+    Deferred chain per request) cost more than the poll itself: with 10,000
+    devices polling, idle polls served through Klein reached about half of a
+    bare twisted.web resource.  The Klein routes for the two paths stay (405s,
+    and any site built without this wrapper); they return the same resource.
+    """
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource, device: DeviceResource):
+        super().__init__()
+        self._inner = inner
+        self._device = device
+
+    def render(self, request: Any) -> Any:
+        path, method = request.path, request.method
+        if (path == b"/push" and method == b"GET") or (path == b"/result" and method == b"POST"):
+            return self._device.render(request)
+        return self._inner.render(request)
+
+
+def _answer(body: Any, request: Any) -> None:
+    if body is NOT_DONE_YET or request.channel is None:  # answered elsewhere / the device hung up
         return
     request.setHeader(b"content-length", b"%d" % len(body))
     request.write(body)
@@ -355,6 +376,23 @@ def _answer(body: bytes, request: Any) -> None:
 def _failed(failure: Failure, request: Any) -> None:
     if request.channel is not None:
         _answer(_error_body(request, failure), request)
+
+
+def _sent(failure: Failure | None, cmd: Command, request: Any) -> None:
+    """After a send committed: the command is the poll's answer."""
+    if failure is not None:
+        _failed(failure, request)
+    else:
+        request.setHeader(b"content-type", b"application/json")
+        _answer(cmd.payload(), request)
+
+
+def _completed(failure: Failure | None, request: Any) -> None:
+    """After a result committed: the empty 200 that closes the push transaction."""
+    if failure is not None:
+        _failed(failure, request)
+    else:
+        _answer(b"", request)
 
 
 def _error_body(request: Any, failure: Failure) -> bytes:
@@ -373,21 +411,21 @@ def _error_body(request: Any, failure: Failure) -> bytes:
 
 def device_routes(app: Klein, ctx: Context) -> None:
     """``GET /push`` and ``POST /result`` (also served alone on ``[push] listen``)."""
-    side = DeviceSide(ctx, ctx.jobs["push"])
+    device = DeviceResource(DeviceSide(ctx, ctx.jobs["push"]))
 
     @app.route("/push", methods=["GET"])
     def push_poll(request):
         if request.method != b"GET":  # werkzeug adds HEAD: it must not hand out a command
             raise errors.MethodNotAllowed("method HEAD not allowed here")
-        return side.poll(request)
+        return device
 
     @app.route("/result", methods=["POST"])
     def push_result(request):
-        return side.result(request)
+        return device
 
     # The hot path: the site's resource answers these two before Klein routes.
     make_resource = app.resource
-    app.resource = lambda: DevicePaths(make_resource(), side)  # type: ignore[method-assign]
+    app.resource = lambda: DevicePaths(make_resource(), device)  # type: ignore[method-assign]
 
 
 # -- the operator side ----------------------------------------------------------
@@ -493,5 +531,4 @@ def job(ctx: Context, parent: service.MultiService):
         listener = strports.service(endpoint, site, reactor=ctx.reactor)
         listener.setName(f"push-{index}")
         listener.setServiceParent(parent)
-    parent.push_site = site
     return operator_routes
