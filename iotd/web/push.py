@@ -37,6 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 from iotd import errors, metrics
 from iotd.commands import Command, CommandService, STATES
 from iotd.logs import Logger
+from iotd.store import StoreUnavailable
 from iotd.store import commands as cmdsql
 from iotd.web.app import (Context, arg, make_app, make_site, query_int, read_json, require, respond,
                           visible_device)
@@ -399,8 +400,6 @@ def _error_body(request: Any, failure: Failure) -> bytes:
     """The JSON error the Klein app would answer (see iotd.web.app.make_app)."""
     err = failure.value
     if not isinstance(err, errors.ApiError):
-        from iotd.store import StoreUnavailable
-
         if failure.check(StoreUnavailable):
             err = errors.Unavailable("the store is unavailable")
         else:
