@@ -132,3 +132,38 @@ def test_oversized_headers_are_refused(proc):
         status = 400  # the connection was closed on us, which is a refusal too
     assert status == 400
     assert proc.request("GET", "/healthz")[0] == 200
+
+
+def test_raw_garbage_on_link_ports(proc, tmp_path):
+    """Random bytes and datagrams through TCP and UDP links, and a flood of connects, leave the daemon healthy."""
+    import os as _os
+
+    echo = socket.socket()
+    echo.bind(("127.0.0.1", 0))
+    echo.listen()
+    udp_dev = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp_dev.bind(("127.0.0.1", 0))
+    key = proc.admin_key
+    proc.request("PUT", "/api/v1/devices/sink", {"host": "127.0.0.1", "ports": {"default": echo.getsockname()[1]}}, key=key)
+    status, tcp_link = proc.request("POST", "/api/v1/devicelink/sink", {"protocol": "tcp"}, key=key)
+    assert status == 201
+    status, udp_link = proc.request("POST", "/api/v1/devicelink/sink",
+                                    {"protocol": "udp", "devicePort": udp_dev.getsockname()[1]}, key=key)
+    assert status == 201
+    with socket.create_connection(("127.0.0.1", tcp_link["port"]), timeout=5) as c:
+        c.sendall(_os.urandom(200_000))
+    for _ in range(20):  # later connections to the same TCP link are refused, not served
+        try:
+            with socket.create_connection(("127.0.0.1", tcp_link["port"]), timeout=1) as c:
+                c.sendall(b"\x00" * 10)
+        except OSError:
+            pass
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for size in (0, 1, 1500, 9000, 65507):
+        u.sendto(_os.urandom(size), ("127.0.0.1", udp_link["port"]))
+    u.close()
+    echo.close()
+    udp_dev.close()
+    assert proc.request("GET", "/healthz")[0] == 200
+    status, body = proc.request("GET", "/api/v1/devicelink", key=key)
+    assert status == 200
