@@ -135,24 +135,9 @@ class Command:
             return self.response
         return self.response_raw
 
-    def payload(self) -> bytes:
-        """The ``/push`` answer: only the fields the operator gave."""
-        if self._payload is None:
-            out: dict[str, Any] = {}
-            if self.verb is not None:
-                out["verb"] = self.verb
-            out["endpoint"] = self.endpoint
-            if self.has_body:
-                out["body"] = self.body
-            if self.content_type is not None:
-                out["contentType"] = self.content_type
-            if self.query_string is not None:
-                out["queryString"] = self.query_string
-            self._payload = _dumps(out).encode("utf-8")
-        return self._payload
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "device": self.device, "status": self.status}
+    def spec(self) -> dict[str, Any]:
+        """The fields the operator gave (and only those)."""
+        out: dict[str, Any] = {}
         if self.verb is not None:
             out["verb"] = self.verb
         out["endpoint"] = self.endpoint
@@ -162,6 +147,17 @@ class Command:
             out["contentType"] = self.content_type
         if self.query_string is not None:
             out["queryString"] = self.query_string
+        return out
+
+    def payload(self) -> bytes:
+        """The ``/push`` answer: the operator's fields, serialized once."""
+        if self._payload is None:
+            self._payload = _dumps(self.spec()).encode("utf-8")
+        return self._payload
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "device": self.device, "status": self.status}
+        out.update(self.spec())
         out["attempts"] = self.attempts
         out["createdAt"] = iso(self.created_us)
         out["sentAt"] = iso(self.sent_us) if self.sent_us is not None else None
