@@ -84,3 +84,17 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def stop_process(proc: Any, timeout: float = 30.0) -> None:
+    """SIGTERM a server process and wait; kill it if it does not stop in ``timeout``."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

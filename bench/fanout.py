@@ -42,7 +42,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -55,14 +54,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-try:
-    from _common import merge_results, print_table  # type: ignore
-except ImportError:  # pragma: no cover - the helper module is optional
-    merge_results = None
-
-    def print_table(rows):
-        for r in rows:
-            print(r)
+from _common import merge_results, print_table, stop_process  # noqa: E402
 
 PY = sys.executable
 TWISTD = os.path.join(os.path.dirname(PY), "twistd")
@@ -170,13 +162,8 @@ class Iotd:
         assert status in (200, 201), body
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

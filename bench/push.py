@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -41,28 +40,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-try:
-    from bench._common import median, merge_results, print_table
-except ImportError:  # run as a script: bench/ is on sys.path
-    try:
-        from _common import median, merge_results, print_table  # type: ignore[no-redef]
-    except ImportError:  # no shared helpers: tiny local ones
-        import statistics
-
-        def median(values):  # type: ignore[no-redef]
-            return float(statistics.median(list(values)))
-
-        def merge_results(path, rows):  # type: ignore[no-redef]
-            p = Path(path)
-            old = json.loads(p.read_text()) if p.exists() and p.stat().st_size else []
-            new = {r["name"]: r for r in rows}
-            merged = [new.pop(r.get("name"), r) for r in old] + list(new.values())
-            p.write_text(json.dumps(merged, indent=2) + "\n")
-            return merged
-
-        def print_table(rows):  # type: ignore[no-redef]
-            for r in rows:
-                print(r)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import median, merge_results, print_table, stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
@@ -403,13 +382,7 @@ class Iotd:
             self.key = f.read().strip()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
 
 
