@@ -262,17 +262,29 @@ def access_log(timestamp: str, request: Any) -> str:
     return line.replace("\n", " ")
 
 
+def add_fast_path(app: Klein, method: bytes, path: bytes, resource: Resource) -> None:
+    """Serve ``method path`` with ``resource`` before Klein's routing (a hot path).
+
+    Klein's per-request work (URL matching, a Deferred chain) costs more than
+    an idle push poll itself; such a path is answered directly by the site
+    root.  Keep the Klein route too (for 405s and error handling).
+    """
+    app.__dict__.setdefault("iotd_fast_paths", {})[(method, path)] = resource
+
+
 class Root(Resource):
-    """The site root: CORS around the Klein resource, status counting."""
+    """The site root: readiness, CORS, fast paths, then the Klein resource."""
 
     isLeaf = True
 
     def __init__(self, app_resource: Resource, cors_origins: tuple[str, ...],
-                 ready: Callable[[], bool] = lambda: True):
+                 ready: Callable[[], bool] = lambda: True,
+                 fast_paths: dict[tuple[bytes, bytes], Resource] | None = None):
         super().__init__()
         self._app = app_resource
         self._cors = set(cors_origins)
         self._ready = ready
+        self._fast = fast_paths or {}
 
     def render(self, request):
         if not self._ready():
@@ -287,6 +299,9 @@ class Root(Resource):
                 request.setHeader(b"access-control-max-age", b"600")
                 request.setResponseCode(204)
                 return b""
+        fast = self._fast.get((request.method, request.path))
+        if fast is not None:
+            return fast.render(request)
         return self._app.render(request)
 
 
@@ -305,7 +320,8 @@ class Site(server.Site):
 
 def make_site(ctx: Context, app: Klein, ready: Callable[[], bool] = lambda: True) -> server.Site:
     request_class = type("Request", (LimitedRequest,), {"max_body": ctx.config.http.max_body_bytes})
-    site = Site(Root(app.resource(), ctx.config.http.cors_origins, ready),
+    site = Site(Root(app.resource(), ctx.config.http.cors_origins, ready,
+                     app.__dict__.get("iotd_fast_paths")),
                        requestFactory=request_class, logFormatter=access_log)
     site.displayTracebacks = False
     return site

@@ -39,7 +39,7 @@ from iotd.commands import Command, CommandService, STATES
 from iotd.logs import Logger
 from iotd.store import StoreUnavailable
 from iotd.store import commands as cmdsql
-from iotd.web.app import (Context, arg, make_app, make_site, query_int, read_json, require, respond,
+from iotd.web.app import (Context, add_fast_path, arg, make_app, make_site, query_int, read_json, require, respond,
                           visible_device)
 
 log = Logger()
@@ -341,31 +341,6 @@ class DeviceResource(Resource):
         return NOT_DONE_YET
 
 
-class DevicePaths(Resource):
-    """The site's resource: ``GET /push`` and ``POST /result`` go straight to :class:`DeviceResource`,
-    everything else to ``inner`` (the Klein app).
-
-    Klein's per-request work (werkzeug URL matching, URL reconstruction, a
-    Deferred chain per request) cost more than the poll itself: with 10,000
-    devices polling, idle polls served through Klein reached about half of a
-    bare twisted.web resource.  The Klein routes for the two paths stay (405s,
-    and any site built without this wrapper); they return the same resource.
-    """
-
-    isLeaf = True
-
-    def __init__(self, inner: Resource, device: DeviceResource):
-        super().__init__()
-        self._inner = inner
-        self._device = device
-
-    def render(self, request: Any) -> Any:
-        path, method = request.path, request.method
-        if (path == b"/push" and method == b"GET") or (path == b"/result" and method == b"POST"):
-            return self._device.render(request)
-        return self._inner.render(request)
-
-
 def _answer(body: Any, request: Any) -> None:
     if body is NOT_DONE_YET or request.channel is None:  # answered elsewhere / the device hung up
         return
@@ -422,9 +397,9 @@ def device_routes(app: Klein, ctx: Context) -> None:
     def push_result(request):
         return device
 
-    # The hot path: the site's resource answers these two before Klein routes.
-    make_resource = app.resource
-    app.resource = lambda: DevicePaths(make_resource(), device)  # type: ignore[method-assign]
+    # The hot path: the site root answers these two before Klein's routing.
+    add_fast_path(app, b"GET", b"/push", device)
+    add_fast_path(app, b"POST", b"/result", device)
 
 
 # -- the operator side ----------------------------------------------------------
