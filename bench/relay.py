@@ -483,9 +483,9 @@ def _alternate(reps: int, a: Callable[[], Any], b: Callable[[], Any] | None) -> 
 
 def run(quick: bool) -> list[dict[str, Any]]:
     """Run every measurement; returns the result rows (and prints progress)."""
-    seconds = 2.0 if quick else 5.0
+    seconds = 1.0 if quick else 5.0
     reps = 3 if quick else 5
-    pings = 5000 if quick else 20000
+    pings = 3000 if quick else 20000
     have_socat = _socat_available()
     socat = socat_relay if have_socat else None
     device = Device()
