@@ -42,7 +42,6 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from iotd import errors, metrics
-from iotd.events import Event
 from iotd.logs import Logger
 from iotd.store import commands as cmdsql
 from iotd.timefmt import iso, micros_of
@@ -83,7 +82,7 @@ class Command:
     """One command; unfinished ones live in the service's memory."""
 
     __slots__ = ("id", "tenant", "device", "status", "verb", "endpoint", "body", "has_body",
-                 "content_type", "query_string", "attempts", "created_us", "sent_us", "sent_at",
+                 "content_type", "query_string", "attempts", "created_us", "sent_us",
                  "finished_us", "response_raw", "response", "parsed", "error", "_payload")
 
     def __init__(self, id: int, tenant: str, device: str, status: str, endpoint: str,
@@ -105,7 +104,6 @@ class Command:
         self.attempts = attempts
         self.created_us = created_us
         self.sent_us = sent_us
-        self.sent_at = sent_us / 1_000_000 if sent_us is not None else None  # clock seconds
         self.finished_us = finished_us
         self.response_raw = response_raw
         self.response = response
@@ -148,6 +146,11 @@ class Command:
         if self.query_string is not None:
             out["queryString"] = self.query_string
         return out
+
+    @property
+    def sent_at(self) -> float | None:
+        """When it was last sent, in clock seconds."""
+        return self.sent_us / 1_000_000 if self.sent_us is not None else None
 
     def payload(self) -> bytes:
         """The ``/push`` answer: the operator's fields, serialized once."""
@@ -355,7 +358,7 @@ class CommandService(service.Service):
             self.log.failure("push: writing command changes failed", result)
             failure = result
         elif result:
-            self._events.bus.publish([Event.from_row(row) for row in result])
+            self._events.committed(result)
         for then in waiting:
             try:
                 then[0](failure, *then[1:])
@@ -507,7 +510,6 @@ class CommandService(service.Service):
         old = cmd.status
         cmd.status = "sent"
         cmd.attempts += 1
-        cmd.sent_at = now
         cmd.sent_us = micros_of(now)
         if old != "sent":
             self._count(old, "sent")

@@ -170,10 +170,13 @@ class EventLog:
     async def append(self, items: list[tuple[str, str, str, dict[str, Any]]]) -> list[Event]:
         """Commit ``(tenant, kind, device, data)`` items as one transaction, publish, return."""
         d = self.store.write(evsql.insert, items)
-        d.addCallback(self._committed)
+        d.addCallback(self.committed)
         return await d
 
-    def _committed(self, rows: list[evsql.Row]) -> list[Event]:
+    def committed(self, rows: list[evsql.Row]) -> list[Event]:
+        """Publish rows that ``evsql.insert`` wrote inside a transaction that has now committed.
+
+        For jobs that commit events together with their own changes (push)."""
         events = [Event.from_row(r) for r in rows]
         self.bus.publish(events)
         return events
