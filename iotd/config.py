@@ -129,6 +129,8 @@ class HttpSection:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
     max_body_bytes: int = 1048576
     cors_origins: tuple[str, ...] = ()
+    max_connections_per_address: int = 256
+    header_timeout: float = 10.0
 
 
 @attrs.frozen
@@ -141,6 +143,8 @@ class PushSection:
     tenant: str = "default"
     listen: tuple[str, ...] = ()
     allowed_sources: tuple[Any, ...] = ()
+    auto_register_per_minute: int = 600
+    max_devices: int = 100000
 
 
 @attrs.frozen
@@ -154,6 +158,8 @@ class DeviceLinkSection:
     default_timeout_ms: int = 0
     unused_ttl: float = 60.0
     allowed_device_networks: tuple[Any, ...] = ()
+    require_source: bool = False
+    max_links_per_tenant: int = 0
 
 
 @attrs.frozen
@@ -163,6 +169,7 @@ class WebsocketSection:
     replay_limit: int = 100000
     max_connections: int = 20000
     max_connections_per_address: int = 0
+    packet_cache_bytes: int = 67108864
 
 
 @attrs.frozen
@@ -194,7 +201,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
     "iotd": (IotdSection, {"data_dir": _nonempty, "tenant": _nonempty, "log_level": _level}),
     "http": (
         HttpSection,
-        {"listen": _endpoints, "max_body_bytes": _int_min(1), "cors_origins": _words},
+        {"listen": _endpoints, "max_body_bytes": _int_min(1), "cors_origins": _words,
+         "max_connections_per_address": _int_min(0), "header_timeout": _float_min(0.001)},
     ),
     "push": (
         PushSection,
@@ -207,6 +215,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "tenant": _nonempty,
             "listen": _endpoints,
             "allowed_sources": _cidrs,
+            "auto_register_per_minute": _int_min(0),
+            "max_devices": _int_min(0),
         },
     ),
     "devicelink": (
@@ -221,6 +231,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "default_timeout_ms": _int_min(0),
             "unused_ttl": _float_min(0.001),
             "allowed_device_networks": _cidrs,
+            "require_source": _bool,
+            "max_links_per_tenant": _int_min(0),
         },
     ),
     "websocket": (
@@ -231,6 +243,7 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "replay_limit": _int_min(1),
             "max_connections": _int_min(1),
             "max_connections_per_address": _int_min(0),
+            "packet_cache_bytes": _int_min(0),
         },
     ),
     "retention": (RetentionSection, {"events_days": _float_min(0)}),

@@ -26,7 +26,9 @@ from iotd.service import CoreService
 from iotd.store import open_sync
 from iotd.web import devicelink, devices, ingest, keys, ops
 from iotd.web import push
-from iotd.web.app import Context, make_app, make_site
+from iotd.context import Context
+from iotd.web.app import make_app
+from iotd.web.site import make_site
 from iotd.ws import element
 from iotd.ws import subscribe
 

@@ -23,7 +23,8 @@ from twisted.application import service
 
 from iotd import errors
 from iotd.relay.links import LinkManager, NoFreePort
-from iotd.web.app import Context, read_json, require, respond, visible_device
+from iotd.context import Context
+from iotd.web.request import read_json, require, respond, visible_device
 
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
 

@@ -6,7 +6,8 @@ from klein import Klein
 
 from iotd import errors
 from iotd.registry import validate_device_body
-from iotd.web.app import Context, arg, page, read_json, require, respond, visible_device
+from iotd.context import Context
+from iotd.web.request import arg, page, read_json, require, respond, visible_device
 
 
 def routes(app: Klein, ctx: Context) -> None:

@@ -15,7 +15,8 @@ from klein import Klein
 
 from iotd import errors
 from iotd.timefmt import iso, micros_of, parse_iso
-from iotd.web.app import Context, read_json, require, respond, visible_device
+from iotd.context import Context
+from iotd.web.request import read_json, require, respond, visible_device
 
 MAX_BATCH = 1000
 _HEX = re.compile(r"^(?:[0-9a-fA-F]{2})*$")

@@ -7,7 +7,8 @@ from klein import Klein
 from iotd import errors
 from iotd.auth import validate_key_request
 from iotd.timefmt import parse_iso
-from iotd.web.app import Context, page, read_json, require, respond
+from iotd.context import Context
+from iotd.web.request import page, read_json, require, respond
 
 
 def routes(app: Klein, ctx: Context) -> None:

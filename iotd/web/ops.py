@@ -6,7 +6,8 @@ from klein import Klein
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iotd import __version__
-from iotd.web.app import Context, respond
+from iotd.context import Context
+from iotd.web.request import respond
 
 
 def _ping(conn):

@@ -39,8 +39,10 @@ from iotd.commands import Command, CommandService, STATES
 from iotd.logs import Logger
 from iotd.store import StoreUnavailable
 from iotd.store import commands as cmdsql
-from iotd.web.app import (Context, add_fast_path, arg, make_app, make_site, query_int, read_json, require, respond,
-                          visible_device)
+from iotd.context import Context
+from iotd.web.app import make_app
+from iotd.web.request import arg, query_int, read_json, require, respond, visible_device
+from iotd.web.site import add_fast_path, make_site
 
 log = Logger()
 

@@ -13,7 +13,8 @@ from typing import Any
 from klein import Klein
 
 from iotd import errors, metrics
-from iotd.web.app import Context, arg, authenticate, header, key_of, respond
+from iotd.context import Context
+from iotd.web.request import arg, authenticate, header, key_of, respond
 
 # -- event sockets (ELEMENT) ---------------------------------------------------
 

@@ -34,7 +34,8 @@ from twisted.internet import defer
 
 from iotd import errors, metrics
 from iotd.logs import Logger
-from iotd.web.app import Context, header
+from iotd.context import Context
+from iotd.web.request import header
 
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
 STATE_CLOSED = WebSocketProtocol.STATE_CLOSED

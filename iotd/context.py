@@ -1,0 +1,24 @@
+"""The :class:`Context` every job and handler reaches: config, clock, store, keys, registry, events.
+
+A neutral module: the web layer, the websocket jobs and the relay may all
+import it without importing each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+
+@attrs.define
+class Context:
+    """What handlers reach: config, clock, store, keys, registry, events, job services."""
+
+    config: Any
+    reactor: Any
+    store: Any
+    keys: Any
+    registry: Any
+    events: Any
+    jobs: dict[str, Any] = attrs.Factory(dict)
