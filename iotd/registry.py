@@ -147,6 +147,7 @@ class Registry:
         self._clock = clock
         self._devices: dict[tuple[str, str], Device] = {}
         self._by_push: dict[int, Device] = {}
+        self._counts: dict[str, int] = {}
         self._streams: dict[tuple[str, str], Stream] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._delete_listeners: list[Callable[[Device], None]] = []
@@ -170,6 +171,8 @@ class Registry:
         await self.flush()
 
     def _index(self, device: Device) -> None:
+        if (device.tenant, device.identifier) not in self._devices:
+            self._counts[device.tenant] = self._counts.get(device.tenant, 0) + 1
         self._devices[(device.tenant, device.identifier)] = device
         if device.pushId is not None:
             self._by_push[device.pushId] = device
@@ -187,6 +190,10 @@ class Registry:
 
     def devices(self, tenant: str) -> list[Device]:
         return sorted((d for (t, _), d in self._devices.items() if t == tenant), key=lambda d: d.identifier)
+
+    def count(self, tenant: str) -> int:
+        """How many devices ``tenant`` has (O(1))."""
+        return self._counts.get(tenant, 0)
 
     def all_devices(self) -> Iterable[Device]:
         return self._devices.values()
@@ -222,6 +229,7 @@ class Registry:
         device = self._devices.pop((tenant, ident), None)
         if device is None:
             return removed
+        self._counts[tenant] -= 1
         if device.pushId is not None and self._by_push.get(device.pushId) is device:
             del self._by_push[device.pushId]
         self._dirty.discard((tenant, ident))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Callable
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
 from klein import Klein
 from twisted.web import server
@@ -150,7 +150,23 @@ class Root(Resource):
         fast = self._fast.get((request.method, request.path))
         if fast is not None:
             return fast.render(request)
+        problem = undecodable_url(request)
+        if problem is not None:  # Klein would answer this with a text/html 400
+            return respond(request, 400, errors.BadRequest(problem, code="invalid_url").to_json())
         return self._app.render(request)
+
+
+def undecodable_url(request: Any) -> str | None:
+    """What of the request's URL is not UTF-8 once unescaped (Klein needs it to be), or None."""
+    try:
+        unquote_to_bytes(request.path).decode("utf-8")
+    except UnicodeDecodeError:
+        return "the URL path is not UTF-8 once %-escapes are decoded"
+    try:
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return "the Host header is not UTF-8"
+    return None
 
 
 class Site(server.Site):
