@@ -373,6 +373,7 @@ class Iotd:
             f.write(f"[iotd]\ndata_dir = data\nlog_level = warn\n"
                     f"[http]\nlisten = tcp:{self.port}:interface={HOST}:backlog=4096\n"
                     f"[push]\ncommand_timeout = 600\noffline_after = 600\n"
+                    f"auto_register_per_minute = 1000000\n"  # the bench registers 10,000 devices by polling
                     f"[devicelink]\nenabled = false\n")
         self.log = open(os.path.join(workdir, "twistd.log"), "wb")
         self.proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "iotd", "-c", ini], cwd=workdir,

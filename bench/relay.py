@@ -29,6 +29,7 @@ prints the table and merges the rows into PATH.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import shutil
@@ -155,7 +156,9 @@ def role_relay(args: argparse.Namespace) -> None:
     from iotd.relay.links import LinkManager
 
     base = args.base_port
-    manager = LinkManager(reactor, LOOPBACK, (base, base + 199), max_links=200, unused_ttl=600)
+    # The bench's devices are on loopback, which links refuse unless allowed explicitly.
+    manager = LinkManager(reactor, LOOPBACK, (base, base + 199), max_links=200, unused_ttl=600,
+                          device_networks=(ipaddress.ip_network("127.0.0.0/8"),))
     key = bytes.fromhex(args.key) if args.key else None
     iv = bytes.fromhex(args.iv) if args.iv else None
     ports = []

@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 
 from conftest import Daemon, make_config, stop_daemon
 from iotd.tap import makeService
@@ -100,3 +101,24 @@ def _decode(content: bytes) -> Any:
 async def settle(daemon: Daemon) -> None:
     """Every write the push service issued so far is committed."""
     await daemon.ctx.jobs["push"].settle()
+
+
+class LogLines:
+    """The log while in the ``with`` block: ``events`` as emitted, ``lines`` as formatted text."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self.lines: list[str] = []
+
+    def __call__(self, event):
+        self.events.append(event)
+        text = formatEvent(event)
+        if text:
+            self.lines.append(text)
+
+    def __enter__(self):
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc):
+        globalLogPublisher.removeObserver(self)

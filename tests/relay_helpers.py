@@ -7,8 +7,10 @@ the run.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
+import struct
 from typing import Any
 
 import pytest
@@ -23,6 +25,8 @@ from iotd.relay.links import LinkManager
 
 LOOPBACK = "127.0.0.1"
 DEADLINE = 10.0
+# The devices of these tests listen on loopback, which a link reaches only when allowed explicitly.
+LOOPBACK_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"),)
 
 
 @pytest.fixture
@@ -76,12 +80,16 @@ def counter(name: str, **labels: str) -> float:
 
 @pytest.fixture
 def make_manager(reactor: Any) -> Any:
-    """``make_manager(**kw)`` -> a LinkManager on loopback with a fresh port range; closed after the test."""
+    """``make_manager(**kw)`` -> a LinkManager on loopback with a fresh port range; closed after the test.
+
+    Its devices may be on loopback (``device_networks=127.0.0.0/8``) unless the test says otherwise.
+    """
     managers: list[LinkManager] = []
 
     def make(**kw: Any) -> LinkManager:
         kw.setdefault("interface", LOOPBACK)
         kw.setdefault("port_range", free_port_range(10))
+        kw.setdefault("device_networks", LOOPBACK_NETWORKS)
         m = LinkManager(kw.pop("reactor", reactor), **kw)
         managers.append(m)
         return m
@@ -116,13 +124,16 @@ class Peer(Protocol):
 
     ``eof_d`` fires on the other side's FIN (or a lost connection), ``lost``
     on a lost connection.  ``echo``: write back what arrives, close after FIN.  ``reply_on_eof``: bytes to send after
-    the other side's FIN, then close.  ``paused``: never read (back-pressure).
+    the other side's FIN, then close.  ``paused``: never read (back-pressure).  ``send_then_half_close``: bytes
+    to send on connect, followed by this side's FIN (``shutdown(SHUT_WR)``); it keeps reading.
     """
 
-    def __init__(self, echo: bool = False, reply_on_eof: bytes | None = None, paused: bool = False):
+    def __init__(self, echo: bool = False, reply_on_eof: bytes | None = None, paused: bool = False,
+                 send_then_half_close: bytes | None = None):
         self.echo = echo
         self.reply_on_eof = reply_on_eof
         self.paused = paused
+        self.send_then_half_close = send_then_half_close
         self.received = bytearray()
         self.eof = False
         self.made: defer.Deferred[Peer] = defer.Deferred()
@@ -133,7 +144,16 @@ class Peer(Protocol):
     def connectionMade(self) -> None:
         if self.paused:
             self.transport.pauseProducing()  # type: ignore[union-attr]
+        if self.send_then_half_close is not None:
+            self.transport.write(self.send_then_half_close)  # type: ignore[union-attr]
+            self.transport.loseWriteConnection()  # type: ignore[union-attr]
         self.made.callback(self)
+
+    def reset(self) -> None:
+        """Close with a TCP RST (SO_LINGER 0), not a FIN."""
+        sock = self.transport.getHandle()  # type: ignore[union-attr]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -158,8 +178,8 @@ class Peer(Protocol):
         if self.reply_on_eof is not None:
             self.transport.write(self.reply_on_eof)  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
-        elif self.echo:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+        elif self.echo or self.send_then_half_close is not None:
+            self.transport.loseConnection()  # type: ignore[union-attr]  (both directions are done)
         self.eof_d.callback(None)
 
     def writeConnectionLost(self) -> None:

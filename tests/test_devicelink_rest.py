@@ -105,9 +105,11 @@ async def test_validation_errors(daemon):
         ("noport", {"protocol": "tcp", "devicePort": 1, "source": {"host": "nowhere", "port": 1}}, 422),
         ("far", {"protocol": "tcp"}, 403),
     ]
-    # a host name cannot be checked against allowed_device_networks: refused
+    # a host name is checked when the client connects (tests/test_devicelink_hardening.py); UDP needs an address
     status, out = await daemon.request("POST", "/api/v1/devicelink/named", {"protocol": "tcp"})
-    assert status == 403
+    assert status == 201 and out["device"] == "NAMED"
+    status, out = await daemon.request("POST", "/api/v1/devicelink/named", {"protocol": "udp"})
+    assert status == 422 and "udp" in out["error"]["message"].lower()
     for device, body, code in cases:
         status, out = await daemon.request("POST", f"/api/v1/devicelink/{device}", body)
         assert status == code, (device, body, out)

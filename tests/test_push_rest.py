@@ -160,8 +160,10 @@ async def test_cancel_a_queued_command_204_and_409_once_sent_or_finished(clocked
     await post_result(d.url, 10, {"response": "{}"})
     assert (await d.request("DELETE", f"/api/v1/commands/{a}"))[0] == 409
     assert (await poll(d.url, 10))[1] == {"endpoint": "c"}  # b never goes out
+    got = (await d.request("GET", f"/api/v1/commands/{c}"))[1]
+    assert got["status"] == "sent" and got["attempts"] == 1
+    assert (await d.request("DELETE", f"/api/v1/commands/{c}"))[0] == 409  # sent now: too late to cancel
     assert (await d.request("DELETE", "/api/v1/commands/12345"))[0] == 404
-    assert c
 
 
 @pytest_twisted.ensureDeferred

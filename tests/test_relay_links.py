@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import task
 from twisted.logger import formatEvent, globalLogPublisher
 
-from iotd.relay.links import NoFreePort, TooManyLinks
+from iotd.relay.links import AddressNotAllowed, NoFreePort, TenantLinkLimit, TooManyLinks
 from relay_helpers import (  # noqa: F401  (fixtures)
     LOOPBACK,
     counter,
@@ -45,25 +45,66 @@ def test_no_free_port_when_range_exhausted(reactor, make_manager):
     assert c.port == a.port
 
 
-def test_ports_taken_by_others_are_skipped(make_manager):
-    lo, hi = free_port_range(3)
-    squatter = socket.socket()
-    squatter.bind((LOOPBACK, lo))
-    squatter.listen()
+@pytest_twisted.inlineCallbacks
+def test_ports_taken_by_others_are_skipped_and_the_last_free_port_is_found(reactor, make_manager):
+    lo, hi = free_port_range(5)
+    free = lo + 3
+    squatters = []
+    for port in range(lo, hi + 1):
+        if port != free:
+            s = socket.socket()
+            s.bind((LOOPBACK, port))
+            s.listen()
+            squatters.append(s)
     try:
-        link = open_link(make_manager(port_range=(lo, hi)), "tcp", 9)
-        assert link.port == lo + 1
+        manager = make_manager(port_range=(lo, hi))
+        for _ in range(10):  # every time, whatever the random picks
+            link = open_link(manager, "tcp", 9)
+            assert link.port == free
+            with pytest.raises(NoFreePort):
+                open_link(manager, "tcp", 9)
+            manager.close(link.token)
+            yield within(reactor, link.when_closed())
     finally:
-        squatter.close()
+        for s in squatters:
+            s.close()
 
 
-def test_ports_rotate(make_manager):
-    lo, hi = free_port_range(3)
-    manager = make_manager(port_range=(lo, hi))
-    first = open_link(manager, "udp", 9)
-    manager.close(first.token)
-    second = open_link(manager, "udp", 9)
-    assert (first.port, second.port) == (lo, lo + 1)  # a port just freed is not reused at once
+def test_link_ports_are_random_within_the_range_not_in_sequence(make_manager):
+    """A scanner cannot guess the next link's port: ports are drawn at random from port_range."""
+    lo, hi = free_port_range(1000)
+    manager = make_manager(port_range=(lo, hi), max_links=20)
+    ports = [open_link(manager, "udp", 9).port for _ in range(20)]
+    assert len(set(ports)) == 20 and all(lo <= p <= hi for p in ports)
+    # In sequence, 19 of 19 steps would be +1; at random about one step in a thousand is.
+    steps = sum(1 for a, b in zip(ports, ports[1:]) if b == a + 1)
+    assert steps <= 3, ports
+    assert ports != sorted(ports)
+
+
+def test_max_links_per_tenant_leaves_room_for_other_tenants(make_manager):
+    manager = make_manager(max_links=5, max_links_per_tenant=2)
+    open_link(manager, "udp", 9, tenant="greedy")
+    held = open_link(manager, "tcp", 9, tenant="greedy")
+    with pytest.raises(TenantLinkLimit) as exc:
+        open_link(manager, "udp", 9, tenant="greedy")
+    assert "max_links_per_tenant" in str(exc.value)
+    assert open_link(manager, "udp", 9, tenant="other").tenant == "other"
+    manager.close(held.token)  # a closed link frees the tenant's slot at once
+    assert open_link(manager, "udp", 9, tenant="greedy").tenant == "greedy"
+    assert len(manager) == 3
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1.2.3", "::1", "0.0.0.0", "::", "::ffff:127.0.0.1",
+                                  "169.254.169.254", "fe80::1", "::ffff:169.254.0.1"])
+def test_default_policy_refuses_local_device_addresses(make_manager, host):
+    manager = make_manager(device_networks=())
+    before = counter("iotd_link_failures_total", reason="refused_address")
+    for protocol in ("tcp", "udp"):
+        with pytest.raises(AddressNotAllowed):
+            open_link(manager, protocol, 9, device_host=host)
+    assert len(manager) == 0
+    assert counter("iotd_link_failures_total", reason="refused_address") == before + 2
 
 
 def test_max_links(make_manager):

@@ -285,3 +285,143 @@ def test_back_pressure_bounds_relay_memory(reactor, make_manager, net):
     assert max_buffered < MiB
     assert hashlib.sha256(peer.received).digest() == digest.digest()
     sock.close()
+
+
+# -- the device half-closes first, and resets ------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_device_fin_first_client_gets_every_byte_then_eof_and_can_still_send(reactor, make_manager, net):
+    """The device sends and half-closes at once: the client reads all of it, then EOF; the client's
+    own direction stays open until it closes, and only then does the link close and free its port."""
+    greeting = os.urandom(512 * 1024)  # more than one write buffer: still flowing when the FIN arrives
+    device, dport = net.tcp_device(send_then_half_close=greeting)
+    link = open_link(make_manager(), "tcp", dport)
+    client = net.tcp_client(link.port)
+    yield within(reactor, client.made)
+    yield within(reactor, client.eof_d)
+    assert client.eof and not client.lost.called  # a half-close, not a lost connection
+    assert bytes(client.received) == greeting
+    assert not link.closed
+
+    client.transport.write(b"still talking after your FIN")
+    got = yield within(reactor, device.peers[0].wait_for(28))
+    assert got == b"still talking after your FIN"
+    assert not link.closed and not device.peers[0].lost.called
+
+    client.transport.loseConnection()
+    yield within(reactor, device.peers[0].eof_d)
+    yield within(reactor, link.when_closed())
+    assert link.close_reason == "done"
+    yield within(reactor, device.peers[0].lost)
+    assert port_is_free(link.port, "tcp")
+
+
+@pytest_twisted.inlineCallbacks
+def test_device_reset_closes_the_client_and_the_link(reactor, make_manager, net):
+    device, dport = net.tcp_device(echo=True)
+    manager = make_manager()
+    link = open_link(manager, "tcp", dport)
+    client = net.tcp_client(link.port)
+    yield within(reactor, client.made)
+    client.transport.write(b"hello")
+    yield within(reactor, client.wait_for(5))
+    device.peers[0].reset()
+    yield within(reactor, client.lost)
+    yield within(reactor, link.when_closed())
+    assert link.close_reason == "device_reset"
+    assert manager.get(link.token) is None
+    assert port_is_free(link.port, "tcp")
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_reset_closes_the_device_connection_and_the_link(reactor, make_manager, net):
+    device, dport = net.tcp_device(echo=True)
+    manager = make_manager()
+    link = open_link(manager, "tcp", dport)
+    client = net.tcp_client(link.port)
+    yield within(reactor, client.made)
+    client.transport.write(b"hello")
+    yield within(reactor, client.wait_for(5))
+    client.reset()
+    yield within(reactor, device.peers[0].lost)
+    yield within(reactor, link.when_closed())
+    assert link.close_reason == "client_reset"
+    assert manager.get(link.token) is None
+    assert port_is_free(link.port, "tcp")
+
+
+# -- device addresses checked when the client connects ---------------------------
+
+
+class _Resolver:
+    """A name resolver answering every name with ``addresses`` (and counting the questions)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+        self.asked: list[str] = []
+
+    def resolveHostName(self, receiver: Any, name: str, portNumber: int = 0, addressTypes: Any = None,
+                        transportSemantics: str = "TCP") -> Any:
+        self.asked.append(name)
+        receiver.resolutionBegan(None)
+        for address in self.addresses:
+            receiver.addressResolved(IPv4Address("TCP", address, portNumber))
+        receiver.resolutionComplete()
+        return None
+
+
+class _ResolvingReactor:
+    """The real reactor, with ``nameResolver`` replaced."""
+
+    def __init__(self, real: Any, resolver: _Resolver) -> None:
+        self._real = real
+        self.nameResolver = resolver
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest_twisted.inlineCallbacks
+def test_host_name_resolving_to_loopback_is_refused_by_default(reactor, make_manager, net):
+    """Empty allowed_device_networks: a name for 127.0.0.1 is resolved at connect time and refused;
+    the device is never dialled, the client is closed, and that is counted."""
+    device, dport = net.tcp_device(echo=True)
+    manager = make_manager(device_networks=())
+    link = open_link(manager, "tcp", dport, device_host="localhost")  # a name: accepted until resolved
+    before = counter("iotd_link_failures_total", reason="refused_address")
+    client = net.tcp_client(link.port)
+    yield within(reactor, client.lost)
+    assert client.received == b""
+    yield within(reactor, link.when_closed())
+    assert link.close_reason == "refused_address"
+    assert device.peers == []
+    assert counter("iotd_link_failures_total", reason="refused_address") == before + 1
+    assert port_is_free(link.port, "tcp")
+
+
+@pytest_twisted.inlineCallbacks
+def test_host_name_is_resolved_once_and_only_allowed_addresses_are_dialled(reactor, make_manager, net):
+    """A name that resolves to a refused address and an allowed one: the relay dials the allowed one
+    (as an address, without resolving again)."""
+    device, dport = net.tcp_device(echo=True)
+    resolver = _Resolver(["169.254.169.254", LOOPBACK])
+    manager = make_manager(reactor=_ResolvingReactor(reactor, resolver))
+    link = open_link(manager, "tcp", dport, device_host="plc.example")
+    client = net.tcp_client(link.port)
+    yield within(reactor, client.made)
+    client.transport.write(b"via a name")
+    assert (yield within(reactor, client.wait_for(10))) == b"via a name"
+    assert len(device.peers) == 1 and resolver.asked == ["plc.example"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_host_name_that_does_not_resolve_closes_the_client(reactor, make_manager, net):
+    manager = make_manager(reactor=_ResolvingReactor(reactor, _Resolver([])))
+    link = open_link(manager, "tcp", 9, device_host="nowhere.example")
+    before = counter("iotd_link_failures_total", reason="connect_failed")
+    client = net.tcp_client(link.port)
+    yield within(reactor, client.lost)
+    yield within(reactor, link.when_closed())
+    assert link.close_reason == "connect_failed"
+    assert counter("iotd_link_failures_total", reason="connect_failed") == before + 1

@@ -9,6 +9,8 @@
   socket to the device, keeping datagram boundaries.
 - ``links``: ``LinkManager`` (port allocation, limits, timers, metrics, logs)
   and the ``Link`` record the REST layer shows.
+- ``addresses``: which device addresses a link may reach
+  (``allowed_device_networks``), and resolving a host name at connect time.
 
 The hot path of both relays is ``dataReceived``/``datagramReceived`` ->
 (cipher ``update``) -> peer ``write`` plus plain integer counters; Prometheus

@@ -3,10 +3,21 @@
 Choices made:
 
 - ``open`` is synchronous: ``listenTCP``/``listenUDP`` bind at once, so the
-  REST layer gets the port (or ``NoFreePort``) in the same call.  Ports are
-  tried from a cursor that moves round ``port_range`` (inclusive), so a port
-  just freed is not handed out again straight away; ports the manager already
-  uses are skipped, ports other programs hold fail to bind and are skipped.
+  REST layer gets the port (or ``NoFreePort``) in the same call.
+- Ports are picked at random within ``port_range`` (inclusive) with
+  ``random.SystemRandom``, so nobody can guess the port of the next link and
+  race its client to an unpinned link.  Ports the manager already uses
+  (including those of links still closing) are skipped, ports other programs
+  hold fail to bind and are skipped.  After ``RANDOM_TRIES`` misses in a row
+  (a nearly full range) the free ports are listed once and tried in random
+  order, so the last free port is still found.
+- Device addresses: ``open`` refuses an address literal the
+  :class:`~iotd.relay.addresses.DevicePolicy` does not allow
+  (``AddressNotAllowed``); a host name is checked by the TCP relay when the
+  client connects (see ``addresses``).  The default policy (no networks)
+  excludes loopback, unspecified and link-local addresses.
+- ``max_links`` caps all links, ``max_links_per_tenant`` (0 = no cap) one
+  tenant's; both are counted in O(1).
 - Time comes only from the injected clock (``clock``, by default the
   reactor): ``created_at``, ``last_activity``, the idle timeout, the
   ``unused_ttl`` timer, the TCP connect timeout and the metrics flush.
@@ -26,6 +37,7 @@ Choices made:
 from __future__ import annotations
 
 import ipaddress
+import random
 import secrets
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -36,12 +48,15 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from iotd import metrics
+from iotd.relay.addresses import DevicePolicy, Network, literal
 from iotd.relay.ctr import IV_SIZE, KEY_SIZE
 from iotd.relay.tcp import TCPRelay
 from iotd.relay.udp import UDPRelay
 
 PROTOCOLS = ("tcp", "udp")
 _TIMER_SLACK = 1e-6  # tolerate float rounding when the idle timer fires
+RANDOM_TRIES = 16  # random port picks before the free ports are listed
+_random = random.SystemRandom()
 
 
 class NoFreePort(Exception):
@@ -50,6 +65,14 @@ class NoFreePort(Exception):
 
 class TooManyLinks(NoFreePort):
     """``max_links`` links are open (a ``NoFreePort``, so callers may treat both alike)."""
+
+
+class TenantLinkLimit(TooManyLinks):
+    """The tenant holds ``max_links_per_tenant`` links already."""
+
+
+class AddressNotAllowed(Exception):
+    """The device address is outside the policy (``allowed_device_networks``)."""
 
 
 @attrs.define(eq=False)
@@ -276,6 +299,8 @@ class LinkManager:
         connect_timeout: float = 10.0,
         unused_ttl: float = 60.0,
         *,
+        device_networks: tuple[Network, ...] = (),
+        max_links_per_tenant: int = 0,
         clock: Any = None,
         flush_interval: float = 10.0,
     ) -> None:
@@ -287,13 +312,15 @@ class LinkManager:
         self.interface = interface
         self.port_range = (lo, hi)
         self.max_links = max_links
+        self.max_links_per_tenant = max_links_per_tenant
+        self.policy = DevicePolicy(device_networks)
         self.connect_timeout = connect_timeout
         self.unused_ttl = unused_ttl
         self.flush_interval = flush_interval
         self._links: dict[str, Link] = {}
+        self._per_tenant: dict[str, int] = {}
         self._closing: set[Link] = set()
         self._ports: dict[str, set[int]] = {p: set() for p in PROTOCOLS}
-        self._cursor = lo
         self._flusher: task.LoopingCall | None = None
 
     # -- the API the REST layer uses ---------------------------------------
@@ -313,9 +340,11 @@ class LinkManager:
     ) -> Link:
         """Open a link and bind its port.
 
-        Raises ``ValueError`` for bad arguments, ``TooManyLinks`` (a
-        ``NoFreePort``) when ``max_links`` links are open, ``NoFreePort`` when
-        no port in ``port_range`` can be bound.
+        Raises ``ValueError`` for bad arguments, ``AddressNotAllowed`` for a
+        device address outside the policy, ``TooManyLinks`` (a ``NoFreePort``)
+        when ``max_links`` links are open, ``TenantLinkLimit`` (a
+        ``TooManyLinks``) when the tenant has ``max_links_per_tenant``, and
+        ``NoFreePort`` when no port in ``port_range`` can be bound.
         """
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be 'tcp' or 'udp', got {protocol!r}")
@@ -328,9 +357,15 @@ class LinkManager:
         if key is not None and (len(key) != KEY_SIZE or len(iv or b"") != IV_SIZE):
             raise ValueError(f"key must be {KEY_SIZE} bytes and iv {IV_SIZE} bytes")
         source = _normalise_source(source)
+        self.check_device_host(device_host)
         if len(self._links) >= self.max_links:
             metrics.link_failures.labels("max_links").inc()
-            raise TooManyLinks(f"{self.max_links} links are open")
+            raise TooManyLinks(f"{self.max_links} links are open, the most [devicelink] max_links allows")
+        held = self._per_tenant.get(tenant, 0)
+        if self.max_links_per_tenant and held >= self.max_links_per_tenant:
+            metrics.link_failures.labels("max_links_per_tenant").inc()
+            raise TenantLinkLimit(f"this tenant has {held} links open, the most "
+                                  f"[devicelink] max_links_per_tenant ({self.max_links_per_tenant}) allows")
 
         now = self.clock.seconds()
         link = Link(
@@ -349,7 +384,8 @@ class LinkManager:
         relay: TCPRelay | UDPRelay
         if protocol == "tcp":
             relay = TCPRelay(
-                link, self.reactor, self.clock, self.interface, self.connect_timeout, key, iv
+                link, self.reactor, self.clock, self.interface, self.connect_timeout, key, iv,
+                self.policy,
             )
         else:
             relay = UDPRelay(link, self.reactor, self.clock, self.interface, key, iv)
@@ -360,6 +396,7 @@ class LinkManager:
         relay.start()
 
         self._links[link.token] = link
+        self._per_tenant[tenant] = held + 1
         self._ports[protocol].add(link.port)
         if self.unused_ttl > 0:
             link._unused_call = self.clock.callLater(self.unused_ttl, link._unused_expired)
@@ -382,6 +419,13 @@ class LinkManager:
             timeout_ms=timeout_ms,
         )
         return link
+
+    def check_device_host(self, host: str) -> None:
+        """Raise ``AddressNotAllowed`` for an address literal outside the policy (names pass)."""
+        address = literal(host)
+        if address is not None and not self.policy.allows(address):
+            metrics.link_failures.labels("refused_address").inc()
+            raise AddressNotAllowed(f"device host {host} is {self.policy.rule()}")
 
     def get(self, token: str) -> Link | None:
         return self._links.get(token)
@@ -425,24 +469,42 @@ class LinkManager:
     # -- internals -------------------------------------------------------------
 
     def _bind(self, relay: TCPRelay | UDPRelay, protocol: str) -> int:
+        """Bind a random free port of ``port_range``; see the module docstring."""
         lo, hi = self.port_range
         in_use = self._ports[protocol]
-        start = self._cursor
-        for port in (*range(start, hi + 1), *range(lo, start)):
-            if port in in_use:
+        tried: set[int] = set()
+        for _ in range(RANDOM_TRIES):
+            port = _random.randint(lo, hi)
+            if port in in_use or port in tried:
                 continue
-            try:
-                relay.listen(port)
-            except CannotListenError:
-                continue
-            self._cursor = port + 1 if port < hi else lo
-            return port
+            tried.add(port)
+            if self._listen(relay, port):
+                return port
+        # Nearly full (or many ports held by other programs): draw from the rest.
+        rest = [p for p in range(lo, hi + 1) if p not in in_use and p not in tried]
+        while rest:
+            index = _random.randrange(len(rest))
+            rest[index], rest[-1] = rest[-1], rest[index]
+            port = rest.pop()
+            if self._listen(relay, port):
+                return port
         metrics.link_failures.labels("no_free_port").inc()
         raise NoFreePort(f"no free {protocol} port in {lo}-{hi} on {self.interface}")
+
+    @staticmethod
+    def _listen(relay: TCPRelay | UDPRelay, port: int) -> bool:
+        try:
+            relay.listen(port)
+        except CannotListenError:
+            return False
+        return True
 
     def _link_closed(self, link: Link, reason: str) -> None:
         if self._links.pop(link.token, None) is None:
             return
+        held = self._per_tenant.pop(link.tenant, 1) - 1
+        if held > 0:
+            self._per_tenant[link.tenant] = held
         self._closing.add(link)
         link._flush_metrics()
         metrics.links_open.labels(link.protocol).dec()

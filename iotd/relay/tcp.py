@@ -12,6 +12,12 @@ Choices made:
   nothing it sends is read, let alone buffered.  The dial has its own
   ``connect_timeout`` timer on the injected clock (so tests drive it with
   ``Clock``); a failure or timeout closes the client and the link.
+- **Resolve, check, then dial.**  A device ``host`` that is a name is resolved
+  first (every address, see ``addresses.resolve``; the resolution counts
+  toward ``connect_timeout``); addresses the link's ``DevicePolicy`` does not
+  allow are skipped and the first allowed one is dialled as a literal.  When
+  none is allowed the client is closed, the link closes with reason
+  ``refused_address``, and that is logged and counted.
 - **Back-pressure both ways** like magic-wormhole's transit relay: each
   transport is registered as the streaming producer of the other, so when one
   side's write queue passes ``bufferSize`` the other side stops reading, its
@@ -58,6 +64,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from iotd import metrics
+from iotd.relay.addresses import DevicePolicy, resolve
 from iotd.relay.ctr import Transform, stream_transform
 
 if TYPE_CHECKING:
@@ -188,6 +195,7 @@ class TCPRelay:
         connect_timeout: float,
         key: bytes | None,
         iv: bytes | None,
+        policy: DevicePolicy | None = None,
     ) -> None:
         self.link = link
         self.reactor = reactor
@@ -195,6 +203,7 @@ class TCPRelay:
         self.seconds = clock.seconds
         self.interface = interface
         self.connect_timeout = connect_timeout
+        self.policy = policy if policy is not None else DevicePolicy()
         if key is not None and iv is not None:
             # client->device data is decrypted, device->client data encrypted:
             # in CTR both are the same keystream XOR, one stream per direction.
@@ -290,12 +299,51 @@ class TCPRelay:
         transport.pauseProducing()  # type: ignore[union-attr]
         transport.bufferSize = BUFFER_SIZE  # type: ignore[union-attr]
         transport.setTcpNoDelay(True)  # type: ignore[union-attr]
-        host, port = self.link.device_host, self.link.device_port
-        endpoint_type = TCP6ClientEndpoint if isIPv6Address(host) else TCP4ClientEndpoint
-        endpoint = endpoint_type(self.reactor, host, port)
         self._dial_timer = self.clock.callLater(self.connect_timeout, self._dial_timeout)
+        host, port = self.link.device_host, self.link.device_port
+        resolving = resolve(self.reactor, host, port)
+        if not resolving.called:
+            self._dialing = resolving  # so that a timeout or a shutdown cancels the wait
+        resolving.addCallback(self._resolved)
+        resolving.addErrback(self._dial_failed)
+
+    def _resolved(self, addresses: list[str]) -> None:
+        if self.state is not State.CONNECTING:
+            return  # closed (timed out, deleted) while resolving
+        self._dialing = None
+        link = self.link
+        if not addresses:
+            raise ConnectionError(f"{link.device_host} does not resolve")
+        allowed = [a for a in addresses if self.policy.allows(a)]
+        if not allowed:
+            self._refuse_address(addresses)
+            return
+        if len(allowed) < len(addresses):
+            self.log.info("link {token}: device host {device_host} also resolves to {skipped}, skipped: {rule}",
+                          token=link.token[:6], device_host=link.device_host,
+                          skipped=", ".join(a for a in addresses if a not in allowed), rule=self.policy.rule())
+        address = allowed[0]
+        endpoint_type = TCP6ClientEndpoint if isIPv6Address(address) else TCP4ClientEndpoint
+        endpoint = endpoint_type(self.reactor, address, link.device_port)
         self._dialing = connectProtocol(endpoint, _DeviceSide(self, self._t_down))
         self._dialing.addErrback(self._dial_failed)
+
+    def _refuse_address(self, addresses: list[str]) -> None:
+        if self._dial_timer is not None and self._dial_timer.active():
+            self._dial_timer.cancel()
+        metrics.link_failures.labels("refused_address").inc()
+        self.log.warn(
+            "link {token} ({protocol} port {port}, device {device}) refused to connect to "
+            "{device_host} ({addresses}): {rule}",
+            token=self.link.token[:6],
+            protocol="tcp",
+            port=self.link.port,
+            device=self.link.device,
+            device_host=self.link.device_host,
+            addresses=", ".join(addresses),
+            rule=self.policy.rule(),
+        )
+        self.link.close("refused_address")
 
     def _dial_timeout(self) -> None:
         self._dial_timed_out = True

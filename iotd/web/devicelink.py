@@ -5,11 +5,17 @@ device's registry ``host``; ``DELETE /api/v1/devicelink/{token}`` closes it;
 ``GET /api/v1/devicelink`` lists the tenant's open links.  The relay itself
 is :mod:`iotd.relay`.
 
-A device ``host`` that is a name rather than an address is resolved when a
-TCP link's client connects; a UDP link needs an address (422 otherwise).  With
-``[devicelink] allowed_device_networks`` set, only address literals inside
-those networks are accepted (403 otherwise), since a name could resolve
-anywhere.
+Device addresses follow :mod:`iotd.relay.addresses`: an address literal
+outside the rule is 403 at creation (with an empty
+``[devicelink] allowed_device_networks``: loopback, unspecified, link-local
+and their IPv4-mapped forms); a host *name* is accepted for TCP and resolved
+and checked when the link's client connects (a client whose device resolves
+only to refused addresses is closed); a UDP link needs an address (422).
+
+Limits: ``[devicelink] require_source`` (a request without ``source`` is
+422), ``max_links`` and ``max_links_per_tenant`` (503 naming the cap).  A
+group key creates, lists and deletes links only of devices in its groups; a
+link of any other device is a 404 to it, as one it cannot see.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from klein import Klein
 from twisted.application import service
 
 from iotd import errors
-from iotd.relay.links import LinkManager, NoFreePort
+from iotd.relay.links import AddressNotAllowed, LinkManager, NoFreePort, TenantLinkLimit
 from iotd.context import Context
 from iotd.web.request import read_json, require, respond, visible_device
 
@@ -41,7 +47,8 @@ def _hex(value: Any, name: str, chars: int) -> bytes:
     return bytes.fromhex(value)
 
 
-def parse_link_request(body: Any, device: Any, default_timeout_ms: int) -> dict[str, Any]:
+def parse_link_request(body: Any, device: Any, default_timeout_ms: int,
+                       require_source: bool = False) -> dict[str, Any]:
     """The checked request with defaults filled in; raises Invalid (422)."""
     errors.require_object(body, {"protocol", "devicePort", "timeout", "source", "encrypt"})
     protocol = body.get("protocol")
@@ -57,6 +64,8 @@ def parse_link_request(body: Any, device: Any, default_timeout_ms: int) -> dict[
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= 2**31:
         raise errors.Invalid("timeout must be milliseconds >= 0")
     source = body.get("source")
+    if source is None and require_source:
+        raise errors.Invalid("source is required: [devicelink] require_source is set")
     if source is not None:
         if not isinstance(source, dict) or set(source) - {"host", "port"}:
             raise errors.Invalid("source must be {\"host\", \"port\"}")
@@ -77,16 +86,14 @@ def parse_link_request(body: Any, device: Any, default_timeout_ms: int) -> dict[
             "encrypt": encrypt, "_key": key, "_iv": iv}
 
 
-def check_device_host(host: str | None, networks: tuple) -> str:
+def check_device_host(host: str | None, manager: LinkManager) -> str:
+    """The device's host, if a link may be opened to it: 422 without one, 403 outside the rule."""
     if not host:
         raise errors.Invalid("the device has no host in the registry")
-    if networks:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            raise errors.Forbidden("device host is not an address inside allowed_device_networks") from None
-        if not any(address in net for net in networks):
-            raise errors.Forbidden("device host is outside allowed_device_networks")
+    try:
+        manager.check_device_host(host)
+    except AddressNotAllowed as e:
+        raise errors.Forbidden(str(e), code="device_host_not_allowed") from None
     return host
 
 
@@ -109,15 +116,19 @@ def routes(app: Klein, ctx: Context) -> None:
     def create_link(request, identifier):
         key = require(ctx, request, "deviceLink", "create")
         device = visible_device(ctx, key, identifier)
-        req = parse_link_request(read_json(request), device, cfg.default_timeout_ms)
-        host = check_device_host(device.host, cfg.allowed_device_networks)
+        req = parse_link_request(read_json(request), device, cfg.default_timeout_ms, cfg.require_source)
+        host = check_device_host(device.host, manager)
         source = (req["source"]["host"], req["source"]["port"]) if req["source"] else None
         try:
             link = manager.open(tenant=key.tenant, device=device.identifier, protocol=req["protocol"],
                                 device_host=host, device_port=req["devicePort"], timeout_ms=req["timeout"],
                                 source=source, key=req["_key"], iv=req["_iv"])
+        except TenantLinkLimit as e:
+            raise errors.Unavailable(str(e), code="too_many_links") from None
         except NoFreePort as e:
             raise errors.Unavailable(str(e) or "no free link port", code="no_free_port") from None
+        except AddressNotAllowed as e:
+            raise errors.Forbidden(str(e), code="device_host_not_allowed") from None
         except ValueError as e:  # e.g. a UDP link to a device whose host is a name
             raise errors.Invalid(str(e)) from None
         out = {k: v for k, v in req.items() if not k.startswith("_") and v is not None}
@@ -129,8 +140,10 @@ def routes(app: Klein, ctx: Context) -> None:
     @app.route("/api/v1/devicelink/<token>", methods=["DELETE"])
     def delete_link(request, token):
         key = require(ctx, request, "deviceLink", "delete")
-        if not manager.close(token, tenant=key.tenant):
+        link = manager.get(token)
+        if link is None or link.tenant != key.tenant or (key.limited and not _visible(ctx, key, link.device)):
             raise errors.NotFound("no such link")
+        manager.close(token, tenant=key.tenant)
         return respond(request, 204)
 
     @app.route("/api/v1/devicelink", methods=["GET"])
@@ -153,7 +166,8 @@ def job(ctx: Context, parent: service.MultiService):
         return None
     manager = LinkManager(ctx.reactor, interface=cfg.interface, port_range=cfg.port_range,
                           max_links=cfg.max_links, connect_timeout=cfg.connect_timeout,
-                          unused_ttl=cfg.unused_ttl)
+                          unused_ttl=cfg.unused_ttl, device_networks=cfg.allowed_device_networks,
+                          max_links_per_tenant=cfg.max_links_per_tenant)
     ctx.jobs["devicelink"] = manager
     LinkService(manager).setServiceParent(parent)
     ctx.registry.add_delete_listener(lambda device: manager.close_device(device.tenant, device.identifier))

@@ -14,6 +14,22 @@ Device side (no key; the protocol has none -- see ``[push] listen`` and
 An idle poll is answered from memory: a registry dict lookup, a queue dict
 lookup, an empty ``200`` without an access-log line.
 
+Auto-registration (``[push] auto_register``) is bounded, since anybody who
+reaches ``/push`` can make up deviceIds:
+
+- ``auto_register_per_minute`` (daemon-wide): at most that many devices are
+  registered in any sliding minute, counted in one-second buckets on the
+  reactor clock (at most 60 buckets, whatever the rate);
+- ``max_devices`` (per tenant, ``Registry.count`` plus registrations in
+  flight): no auto-registration once the tenant has that many devices
+  (devices created over REST count too).
+
+A poll refused by either gets the empty ``200`` (the device sees "nothing to
+do"), is counted as ``iotd_push_polls_total{outcome="unknown"}``, and is
+logged at most once a minute (one line with the number refused since the
+previous line), never once per poll or per deviceId.  ``0`` for either key
+means no device is auto-registered.
+
 Operator side (``commands:*``): queue (``?wait=S`` holds the answer until the
 command finishes), get, list, cancel.  The queue itself is
 :class:`iotd.commands.CommandService`.
@@ -25,6 +41,7 @@ import base64
 import binascii
 import ipaddress
 import re
+from collections import deque
 from typing import Any
 
 from klein import Klein
@@ -125,6 +142,37 @@ def _wait_seconds(request: Any) -> float | None:
 # -- the device side ------------------------------------------------------------
 
 
+class SlidingMinute:
+    """At most ``limit`` takes in any 60 seconds, counted in one-second buckets on ``clock``.
+
+    A bucket leaves the window once all of it is more than 60 s old (so the
+    window is 60 to 61 seconds long: never more than ``limit`` in a minute).
+    """
+
+    WINDOW = 60
+
+    def __init__(self, clock: Any, limit: int):
+        self._clock = clock
+        self.limit = limit
+        self._buckets: deque[list[int]] = deque()  # [second, takes], oldest first; at most WINDOW
+        self._total = 0
+
+    def take(self) -> bool:
+        """Count one take now, if the window has room; False (nothing counted) if not."""
+        now = int(self._clock.seconds())
+        buckets = self._buckets
+        while buckets and buckets[0][0] + 1 + self.WINDOW <= now:
+            self._total -= buckets.popleft()[1]
+        if self._total >= self.limit:
+            return False
+        if buckets and buckets[-1][0] == now:
+            buckets[-1][1] += 1
+        else:
+            buckets.append([now, 1])
+        self._total += 1
+        return True
+
+
 class DeviceSide:
     """``GET /push`` and ``POST /result`` for one daemon."""
 
@@ -141,6 +189,11 @@ class DeviceSide:
         self._registering: dict[int, defer.Deferred] = {}
         self._logged_unknown: set[int] = set()
         self._logged_forbidden: set[str] = set()
+        self.max_devices = cfg.max_devices
+        self._rate = SlidingMinute(ctx.reactor, cfg.auto_register_per_minute)
+        self._creating = 0  # auto-registrations written but not yet committed
+        self._refused = 0  # refused since the last log line
+        self._refused_logged_at: float | None = None
 
     # helpers
 
@@ -222,6 +275,9 @@ class DeviceSide:
                 _polls_unknown.inc()
                 self.unknown(device_id, host, "poll")
                 return self.empty(request)
+            if device_id not in self._registering and not self._may_register(device_id, host):
+                _polls_unknown.inc()
+                return self.empty(request)
             return defer.Deferred.fromCoroutine(self._register(request, device_id, host))
         self.svc.seen(device, host)
         if self.svc.hand_out_then(device, _sent, request) is None:
@@ -265,6 +321,7 @@ class DeviceSide:
         if registry.get(self.tenant, identifier) is not None:
             self.unknown(device_id, host, "poll (a device named like it has another pushId)")
             return None
+        self._creating += 1
         try:
             device, _ = await registry.put(self.tenant, identifier, {"pushId": device_id, "host": host})
         except errors.Conflict:
@@ -272,9 +329,30 @@ class DeviceSide:
         except Exception:
             self.log.failure("auto-registering pushId {push_id} failed", push_id=device_id)
             return None
+        finally:
+            self._creating -= 1
         self.log.info("device {device} auto-registered (pushId {push_id}, host {host})",
                       device=device.identifier, push_id=device_id, host=host)
         return device
+
+    def _may_register(self, device_id: int, host: str | None) -> bool:
+        """``max_devices``, then ``auto_register_per_minute`` (a refused poll takes no slot)."""
+        held = self.ctx.registry.count(self.tenant) + self._creating
+        if held >= self.max_devices:
+            why = f"the tenant {self.tenant} has {held} devices, [push] max_devices is {self.max_devices}"
+        elif not self._rate.take():
+            why = f"[push] auto_register_per_minute ({self._rate.limit}) reached"
+        else:
+            return True
+        self._refused += 1
+        now = self.ctx.reactor.seconds()
+        if self._refused_logged_at is None or now - self._refused_logged_at >= SlidingMinute.WINDOW:
+            self.log.warn("auto-registration refused for {refused} poll(s) since the last such line "
+                          "(the latest: deviceId {device_id} at {host}): {why}",
+                          refused=self._refused, device_id=device_id, host=host, why=why)
+            self._refused_logged_at = now
+            self._refused = 0
+        return False
 
     # POST /result
 

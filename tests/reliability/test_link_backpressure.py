@@ -21,7 +21,9 @@ def test_stalled_device_pushes_back_on_the_client(tmp_path):
     device.listen()
     accepted = []
     threading.Thread(target=lambda: accepted.append(device.accept()[0]), daemon=True).start()
-    d = DaemonProcess(tmp_path, extra="[devicelink]\nport_range = 31400-31409\n").start()
+    # The device is on loopback, which a link reaches only when allowed explicitly.
+    d = DaemonProcess(tmp_path, extra="[devicelink]\nport_range = 31400-31409\n"
+                                      "allowed_device_networks = 127.0.0.0/8\n").start()
     try:
         key = d.admin_key
         d.request("PUT", "/api/v1/devices/slow", {"host": "127.0.0.1", "ports": {"default": device.getsockname()[1]}}, key=key)
