@@ -61,6 +61,14 @@ class Invalid(ApiError):
     status, code = 422, "invalid_body"
 
 
+class ItemInvalid(Invalid):
+    """Invalid (422) about item ``index`` of a call that writes many (a batch); the handler names the item."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
 class Unavailable(ApiError):
     status, code = 503, "unavailable"
 
@@ -71,5 +79,10 @@ def require_object(value: object, allowed: set[str], what: str = "body") -> dict
         raise Invalid(f"{what} must be a JSON object")
     unknown = set(value) - allowed
     if unknown:
-        raise Invalid(f"unknown field {sorted(unknown)[0]!r}")
+        raise Invalid(f"unknown field {short(sorted(unknown)[0])}")
     return value
+
+
+def short(text: str, limit: int = 40) -> str:
+    """``text`` quoted for an error message, cut at ``limit`` characters (a client's text is not echoed whole)."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")

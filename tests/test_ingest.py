@@ -115,3 +115,56 @@ async def test_live_subscribers_see_events_before_the_ack(daemon):
     daemon.ctx.events.bus.subscribe(lambda e: seen.append(e.id), tenant="default", kinds=["reading"])
     status, body = await daemon.request("POST", "/api/v1/devices/t1/readings", [{"data": {"a": 1}}, {"data": {"a": 2}}])
     assert seen == [b["id"] for b in body]
+
+
+# -- packet_id: a packet of the same device (issue 12 item 2) ---------------------------------
+
+
+async def _packet(daemon, device: str, key: str | None = None) -> dict:
+    status, body = await daemon.request("POST", f"/api/v1/devices/{device}/packets", {"payload": {"n": 1}}, key=key)
+    assert status == 201, body
+    return body
+
+
+@pytest_twisted.ensureDeferred
+async def test_packet_id_must_name_a_packet_of_the_same_device_or_the_reading_is_422(daemon):
+    from ws_helpers import Client, ws_url
+
+    await daemon.put_device("mine", tags=["g1"])
+    await daemon.put_device("theirs", tags=["g2"])
+    own = await _packet(daemon, "mine")
+    secret = await _packet(daemon, "theirs")  # outside the group key's scope
+    other_tenant = await daemon.new_key("admin", tenant="other")
+    await daemon.put_device("mine", key=other_tenant)  # same identifier, another tenant
+    foreign = await _packet(daemon, "mine", key=other_tenant)
+    group = await daemon.new_key("group", groups=["g1"], permissions=["readings:create"])
+    status, reading = await daemon.request("POST", "/api/v1/devices/mine/readings",
+                                           {"data": {"t": 1}, "packet_id": own["id"]}, key=group)
+    assert status == 201, reading
+    before = stored(daemon)
+
+    for packet_id in (secret["id"], foreign["id"], reading["id"], 10**9):  # theirs, a tenant's, a reading, none
+        status, body = await daemon.request("POST", "/api/v1/devices/mine/readings",
+                                            {"data": {"t": 2}, "packet_id": packet_id}, key=group)
+        assert status == 422 and body["error"]["code"] == "invalid_body", body
+        assert body["error"]["message"].startswith(f"packet_id {packet_id} "), body
+        status, body = await daemon.request("POST", "/api/v1/devices/mine/readings",
+                                            [{"data": {"t": 3}, "packet_id": own["id"]},
+                                             {"data": {"t": 4}, "packet_id": packet_id}], key=group)
+        assert status == 422 and body["error"]["message"].startswith(f"item 1: packet_id {packet_id} "), body
+    for bad in (0, -1, 2**63, "1", True):
+        status, body = await daemon.request("POST", "/api/v1/devices/mine/readings",
+                                            {"data": {"t": 5}, "packet_id": bad}, key=group)
+        assert status == 422 and body["error"]["message"].startswith("packet_id"), body
+    assert stored(daemon) == before  # nothing of any refused request was committed
+
+    # what the group key reads back through preload=packet is only ever its own device's packet
+    client = await Client.open(ws_url(daemon, "/api/v1/devices/mine/readings/socket", auth=group,
+                                      preload="packet", after="2000-01-01T00:00:00Z"))
+    try:
+        frame = await client.recv_json()
+        assert [e["body"]["packet"]["id"] for e in frame] == [own["id"]]
+        assert frame[0]["body"]["packet"]["device_id"] == "MINE"
+        await client.silent(0.1)
+    finally:
+        await client.close()

@@ -3,6 +3,16 @@
 ``inserted_us`` strictly increases with ``id``: each insert takes the later
 of the wall clock and the last stamp plus one microsecond, inside the
 writer's transaction.
+
+A reading's ``packet_id`` is checked in the same transaction as the insert
+(the check and the write are atomic): it must name a packet of the same
+tenant and device, else :class:`iotd.errors.ItemInvalid` (a 422 naming the
+item) fails the whole call and nothing of it is stored.
+
+Stored ``data`` is always JSON that can be sent again.  The REST door
+refuses lone surrogates, NaN and Infinity (:mod:`iotd.jsonsafe`); should
+another writer pass one anyway, it is stored (and returned) with that value
+replaced, and logged, rather than poisoning every later replay.
 """
 
 from __future__ import annotations
@@ -12,23 +22,63 @@ import sqlite3
 import time
 from typing import Any, Iterable
 
+from iotd import errors, jsonsafe
+from iotd.logs import Logger
+
 Row = tuple[int, str, str, str, int, dict[str, Any]]  # id, tenant, kind, device, inserted_us, data
+
+log = Logger()
 
 
 def insert(conn: sqlite3.Connection, items: list[tuple[str, str, str, dict]]) -> list[Row]:
-    """Insert ``(tenant, kind, device, data)`` items; returns the stored rows."""
+    """Insert ``(tenant, kind, device, data)`` items; returns the stored rows.
+
+    Raises :class:`iotd.errors.ItemInvalid` (nothing of the call is kept: the writer
+    rolls the call's savepoint back) for a reading whose ``packet_id`` is not
+    a packet of the same tenant and device.
+    """
     last = conn.execute("SELECT max(inserted_us) FROM events").fetchone()[0] or 0
     now = int(time.time() * 1_000_000)
     rows: list[Row] = []
-    for tenant, kind, device, data in items:
+    packets: set[tuple[str, str, int]] = set()  # checked already in this call
+    for index, (tenant, kind, device, data) in enumerate(items):
+        if kind == "reading" and data.get("packet_id") is not None:
+            _check_packet(conn, packets, index, tenant, device, data["packet_id"])
+        text, data = _text(data)
         stamp = now if now > last else last + 1
         last = stamp
         cur = conn.execute(
             "INSERT INTO events (tenant, kind, device, inserted_us, data) VALUES (?, ?, ?, ?, ?)",
-            (tenant, kind, device, stamp, json.dumps(data, separators=(",", ":"))),
+            (tenant, kind, device, stamp, text),
         )
         rows.append((cur.lastrowid, tenant, kind, device, stamp, data))
     return rows
+
+
+def _check_packet(conn: sqlite3.Connection, seen: set, index: int, tenant: str, device: str,
+                  packet_id: int) -> None:
+    if (tenant, device, packet_id) in seen:
+        return
+    found = conn.execute(
+        "SELECT 1 FROM events WHERE tenant = ? AND device = ? AND kind = 'packet' AND id = ?",
+        (tenant, device, packet_id),
+    ).fetchone()
+    if found is None:
+        raise errors.ItemInvalid(index, f"packet_id {packet_id} is not a packet of device {device}")
+    seen.add((tenant, device, packet_id))
+
+
+def _text(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``data`` as stored JSON text, and the data the text holds."""
+    try:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8
+        return text, data
+    except (ValueError, RecursionError):
+        log.error("an event held a value that is not JSON (a lone surrogate, NaN, Infinity or deep "
+                  "nesting): stored with it replaced")
+        data = jsonsafe.scrub(data)
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False), data
 
 
 def last_id_at_or_before(conn: sqlite3.Connection, micros: int) -> int:

@@ -4,6 +4,14 @@ Each endpoint takes one object or an array of up to 1,000 (one transaction,
 all or nothing: one bad item rejects the whole request with 422 naming its
 index).  The answer (201, the stored event or the array) is sent only after
 the commit.
+
+The body has passed :func:`iotd.jsonsafe.loads` (through ``read_json``):
+no lone surrogate, NaN, Infinity or overflowing number reaches the store.
+A reading's ``data`` holds at most 1,000 keys (each key becomes a frame on
+a subscription socket).  Its ``packet_id`` must name a packet of the same
+device; that is checked inside the write transaction
+(:func:`iotd.store.events.insert` raises :class:`iotd.errors.ItemInvalid`),
+so check and insert are atomic.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from iotd.context import Context
 from iotd.web.request import read_json, require, respond, visible_device
 
 MAX_BATCH = 1000
+MAX_DATA_KEYS = 1000
+_MAX_ID = 2**63 - 1  # SQLite's largest integer
 _HEX = re.compile(r"^(?:[0-9a-fA-F]{2})*$")
 ENCODINGS = ("binary", "utf8", "json", "none")
 
@@ -91,9 +101,12 @@ def reading(item: Any, now: str) -> dict[str, Any]:
     data = item.get("data")
     if not isinstance(data, dict):
         raise errors.Invalid("data must be an object")
+    if len(data) > MAX_DATA_KEYS:
+        raise errors.Invalid(f"data has {len(data)} keys, at most {MAX_DATA_KEYS} are allowed")
     packet_id = item.get("packet_id")
-    if packet_id is not None and (not isinstance(packet_id, int) or isinstance(packet_id, bool)):
-        raise errors.Invalid("packet_id must be an integer")
+    if packet_id is not None and (not isinstance(packet_id, int) or isinstance(packet_id, bool)
+                                  or not 1 <= packet_id <= _MAX_ID):
+        raise errors.Invalid("packet_id must be the id of a packet (a positive integer)")
     return {
         "packet_id": packet_id,
         "parser_id": None,
@@ -151,7 +164,10 @@ def routes(app: Klein, ctx: Context) -> None:
                     raise errors.Invalid(f"item {index}: {e.message}") from None
                 raise
             rows.append((device.tenant, kind, device.identifier, data))
-        events = await ctx.events.append(rows)
+        try:
+            events = await ctx.events.append(rows)
+        except errors.ItemInvalid as e:
+            raise errors.Invalid(f"item {e.index}: {e.message}" if many else e.message) from None
         bodies = [e.body() for e in events]
         return respond(request, 201, bodies if many else bodies[0])
 

@@ -89,7 +89,7 @@ def validate_command(body: Any) -> dict[str, Any]:
         raise errors.Invalid("body must be a JSON object")
     unknown = set(body) - _FIELDS
     if unknown:
-        raise errors.Invalid(f"unknown field {sorted(unknown)[0]!r}")
+        raise errors.Invalid(f"unknown field {errors.short(sorted(unknown)[0])}")
     out: dict[str, Any] = {}
     endpoint = body.get("endpoint")
     if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):

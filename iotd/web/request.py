@@ -1,20 +1,29 @@
 """What every REST handler shares: reading a request, checking its key, answering it.
 
 Query values, headers, JSON bodies and keys are read here, once, with every
-check a hostile client needs (undecodable bytes are 400 JSON, never 500).
+check a hostile client needs: undecodable query or header bytes are 400 JSON,
+never 500; a body is parsed by :func:`iotd.jsonsafe.loads`, so a lone
+surrogate, NaN, Infinity, an overflowing number or nesting deeper than 64 is a
+422 naming the field before any handler sees it (malformed JSON stays 400).
+:func:`respond` never emits invalid JSON: should an unsafe value reach an
+answer anyway, it is logged and sent with that value replaced.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable
 
-from iotd import errors, metrics
+from iotd import errors, jsonsafe, metrics
 from iotd.auth import ApiKey, presented_key
 from iotd.context import Context
+from iotd.logs import Logger
 
 JSON = b"application/json"
 MAX_LIMIT = 1000
+_ITEM = re.compile(r"^\[(\d+)\]\.?")
+log = Logger()
 
 
 def arg(request: Any, name: str) -> str | None:
@@ -28,8 +37,18 @@ def arg(request: Any, name: str) -> str | None:
 
 
 def header(request: Any, name: str) -> str | None:
-    value = request.getHeader(name)
-    return value if value is None or isinstance(value, str) else value.decode("latin-1")
+    """The header's value as text, or None; 400 when its bytes are not UTF-8.
+
+    Asked for by a ``str`` name, Twisted would decode the value as UTF-8
+    itself and raise (a 500); ask for bytes and decode here instead.
+    """
+    value = request.getHeader(name.encode("ascii"))
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.BadRequest(f"header {name} is not UTF-8", code="invalid_header") from None
 
 
 def key_of(request: Any) -> str | None:
@@ -71,9 +90,20 @@ def read_json(request: Any, required: bool = True) -> Any:
             raise errors.BadRequest("a JSON body is required", code="invalid_json")
         return None
     try:
-        return json.loads(raw)
+        return jsonsafe.loads(raw)
+    except jsonsafe.UnsafeJSON as e:
+        raise errors.Invalid(unsafe_message(e)) from None
     except (ValueError, RecursionError) as e:
         raise errors.BadRequest(f"malformed JSON: {str(e)[:200]}", code="invalid_json") from None
+
+
+def unsafe_message(e: jsonsafe.UnsafeJSON) -> str:
+    """``data.t: ...``; in an array body (a batch) ``item 3: data.t: ...``, as the handlers say it."""
+    match = _ITEM.match(e.where)
+    if match is None:
+        return f"{e.where or 'body'}: {e.why}"
+    rest = e.where[match.end():]
+    return f"item {match.group(1)}: {rest}: {e.why}" if rest else f"item {match.group(1)}: {e.why}"
 
 
 def query_int(request: Any, name: str, default: int, low: int, high: int) -> int:
@@ -107,4 +137,15 @@ def respond(request: Any, status: int, body: Any = None) -> bytes:
     if body is None:
         return b""
     request.setHeader(b"content-type", JSON)
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        return _dumps(body)
+    except (ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        # no path in the line: a link token (a credential) can be part of it
+        log.error("a {status} answer to a {method} request held a value that is not JSON (a lone "
+                  "surrogate, NaN, Infinity or deep nesting): sent with it replaced",
+                  status=status, method=request.method.decode("latin-1"))
+        return _dumps(jsonsafe.scrub(body))
+
+
+def _dumps(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")

@@ -1,8 +1,10 @@
 """Bad input never gets a 5xx or a traceback, and never hurts the daemon.
 
-Hypothesis throws random JSON, wrong types, huge numbers, deep nesting and
-random bytes at every REST endpoint of one real daemon process; raw garbage
-goes to the HTTP port.
+Hypothesis throws random JSON, wrong types, huge numbers, deep nesting,
+lone surrogates, NaN/Infinity and random bytes at every REST endpoint of one
+real daemon process; raw garbage goes to the HTTP port.  After every request
+the device and key lists still answer strictly valid JSON (nothing poisonous
+was stored).
 """
 
 import json
@@ -32,13 +34,17 @@ ENDPOINTS = [
     ("DELETE", "/api/v1/api-keys/{n}"),
 ]
 
+# what json.dumps turns into a lone surrogate escape, NaN, Infinity or an overflowing number
+poison = st.sampled_from(["\ud800", "x\udc00y", "\udfff", float("nan"), float("inf"), float("-inf"), 2**1100])
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False) | st.text(max_size=40),
+    | st.floats(allow_nan=False) | st.text(max_size=40) | poison,
     lambda children: st.lists(children, max_size=5) | st.dictionaries(
         st.sampled_from(["protocol", "devicePort", "data", "payload", "payload_encoding", "role", "name",
                          "tags", "ports", "pushId", "encrypt", "source", "endpoint", "verb", "body",
-                         "response", "error", "status", "step", "devices", "x"]) | st.text(max_size=8),
+                         "response", "error", "status", "step", "devices", "x", "meta", "fields",
+                         "location", "detail", "\ud800"]) | st.text(max_size=8),
         children, max_size=6),
     max_leaves=20,
 )
@@ -46,7 +52,9 @@ json_values = st.recursive(
 
 @pytest.fixture(scope="module")
 def proc(tmp_path_factory):
-    d = DaemonProcess(tmp_path_factory.mktemp("fuzz")).start()
+    # the link test relays to devices on loopback, which an empty allowed_device_networks refuses
+    d = DaemonProcess(tmp_path_factory.mktemp("fuzz"),
+                      "[devicelink]\nallowed_device_networks = 127.0.0.0/8\n").start()
     d.request("PUT", "/api/v1/devices/fuzz", {"host": "127.0.0.1", "ports": {"default": 9}}, key=d.admin_key)
     yield d
     assert d.stop() == 0
@@ -72,11 +80,51 @@ def check(status, raw, ctype):
         assert json.loads(raw)["error"] if "json" in (ctype or "") else True
 
 
+def strict_json(raw: bytes):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(raw.decode("utf-8"), parse_constant=refuse)
+
+
+def lists_still_answer(d) -> None:
+    """What was stored can be sent again: the lists are 200 and strictly valid JSON."""
+    for path in ("/api/v1/devices?limit=1000", "/api/v1/api-keys?limit=1000"):
+        status, raw, _ = send(d, "GET", path, b"")
+        assert status == 200, raw
+        strict_json(raw)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(endpoint=st.sampled_from(ENDPOINTS), value=json_values, n=st.integers(-(2**64), 2**64))
 def test_random_json_everywhere(proc, endpoint, value, n):
     method, path = endpoint
     check(*send(proc, method, path.format(n=n), json.dumps(value).encode()))
+    lists_still_answer(proc)
+
+
+leaf = st.text(max_size=20) | poison
+tree = st.dictionaries(st.text(max_size=8) | st.just("\ud800"), json_values, max_size=4)
+# bodies the handlers accept in shape, so the poison reaches as far as it can
+SHAPED = [
+    ("PUT", "/api/v1/devices/fuzz-{n}", st.fixed_dictionaries(
+        {}, optional={"name": leaf, "tags": st.lists(leaf, max_size=3), "fields": tree})),
+    ("POST", "/api/v1/devices/fuzz/readings", st.fixed_dictionaries(
+        {"data": tree}, optional={"meta": tree, "measured_at": leaf})),
+    ("POST", "/api/v1/devices/fuzz/packets", st.fixed_dictionaries(
+        {"payload": json_values}, optional={"meta": tree, "interface": leaf})),
+    ("POST", "/api/v1/api-keys", st.fixed_dictionaries({"name": leaf, "role": st.just("read_only")})),
+    ("POST", "/api/v1/devices/fuzz/commands", st.fixed_dictionaries({"endpoint": st.just("x"), "body": tree})),
+    ("PUT", "/api/v1/streams/s{n}", st.fixed_dictionaries({"devices": st.lists(leaf, max_size=3)})),
+]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data(), n=st.integers(0, 10**6))
+def test_poison_in_well_shaped_bodies_is_refused_and_never_stored(proc, data, n):
+    method, path, bodies = data.draw(st.sampled_from(SHAPED))
+    check(*send(proc, method, path.format(n=n), json.dumps(data.draw(bodies)).encode()))
+    lists_still_answer(proc)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
