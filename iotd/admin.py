@@ -1,7 +1,9 @@
 """``iotd-admin``: keys and backups, with the daemon stopped or running.
 
 Works on the same SQLite file as the daemon; every key write bumps the key
-revision, which a running daemon notices within a second.
+revision.  A running daemon honours a key created here on its very next
+request (it looks an unknown key up in the store before answering 401) and
+notices a revocation within a second.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ def _permission(text: str) -> str:
     if resource not in RESOURCES or action not in ACTIONS:
         raise argparse.ArgumentTypeError(f"not a resource:action grant: {text!r}")
     return text
+
+
+def _when(micros: int | None) -> str:
+    return iso(micros) if micros is not None else "-"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"{r['id']}\t{r['tenant']}\t{r['role']}\t{r['name']}\t"
                       f"groups={','.join(r['groups'])}\tpermissions={','.join(r['permissions'])}\t"
-                      f"created={iso(r['created_at'])}")
+                      f"created={iso(r['created_at'])}\texpires={_when(r['expires_at'])}\t"
+                      f"last_used={_when(r['last_used_at'])}")
             return 0
         if args.action == "revoke":
             if not run_in_transaction(conn, keysql.delete, args.id):

@@ -1,18 +1,26 @@
-"""SQL for API keys and the key revision counter."""
+"""SQL for API keys and the key revision counter.
+
+Every key write bumps ``meta.keys_revision`` inside its own transaction and
+returns the revision it produced, so the daemon's key ring knows how new its
+view is.  Reads that feed the ring return the revision of the same snapshot.
+"""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any
+from typing import Any, Iterable
 
 COLUMNS = "id, tenant, name, role, groups, permissions, key_hash, created_at, expires_at, last_used_at"
 
 
-def bump_revision(conn: sqlite3.Connection) -> None:
-    conn.execute(
+def bump_revision(conn: sqlite3.Connection) -> int:
+    """Add one to the key revision; returns the new revision."""
+    row = conn.execute(
         "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE name = 'keys_revision'"
-    )
+        " RETURNING CAST(value AS INTEGER)"
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def revision(conn: sqlite3.Connection) -> int:
@@ -28,7 +36,8 @@ def _row(r: tuple) -> dict[str, Any]:
     }
 
 
-def insert(conn: sqlite3.Connection, key: dict[str, Any]) -> None:
+def insert(conn: sqlite3.Connection, key: dict[str, Any]) -> int:
+    """Store a new key; returns the key revision this write produced."""
     conn.execute(
         f"INSERT INTO api_keys ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
@@ -37,17 +46,18 @@ def insert(conn: sqlite3.Connection, key: dict[str, Any]) -> None:
             key["created_at"], key.get("expires_at"), key.get("last_used_at"),
         ),
     )
-    bump_revision(conn)
+    return bump_revision(conn)
 
 
-def delete(conn: sqlite3.Connection, key_id: str, tenant: str | None = None) -> bool:
+def delete(conn: sqlite3.Connection, key_id: str, tenant: str | None = None) -> int | None:
+    """Remove a key; the key revision this produced, or None when there was no such key."""
     if tenant is None:
         cur = conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
     else:
         cur = conn.execute("DELETE FROM api_keys WHERE id = ? AND tenant = ?", (key_id, tenant))
-    if cur.rowcount:
-        bump_revision(conn)
-    return bool(cur.rowcount)
+    if not cur.rowcount:
+        return None
+    return bump_revision(conn)
 
 
 def all_keys(conn: sqlite3.Connection) -> tuple[int, list[dict[str, Any]]]:
@@ -59,6 +69,38 @@ def all_keys(conn: sqlite3.Connection) -> tuple[int, list[dict[str, Any]]]:
     finally:
         conn.execute("COMMIT")
     return rev, rows
+
+
+def changed_since(conn: sqlite3.Connection, known: int) -> tuple[int, list[dict[str, Any]] | None]:
+    """The revision, and every key if the revision is newer than ``known`` (one snapshot)."""
+    conn.execute("BEGIN")
+    try:
+        rev = revision(conn)
+        if rev <= known:
+            return rev, None
+        rows = [_row(r) for r in conn.execute(f"SELECT {COLUMNS} FROM api_keys ORDER BY id")]
+    finally:
+        conn.execute("COMMIT")
+    return rev, rows
+
+
+def by_hashes(conn: sqlite3.Connection, digests: Iterable[str]) -> tuple[int, list[dict[str, Any]]]:
+    """The revision and the keys with these SHA-256 digests (point queries on the unique index)."""
+    digests = list(digests)
+    conn.execute("BEGIN")
+    try:
+        rev = revision(conn)
+        marks = ", ".join("?" * len(digests))
+        rows = [_row(r) for r in conn.execute(
+            f"SELECT {COLUMNS} FROM api_keys WHERE key_hash IN ({marks})", digests)] if digests else []
+    finally:
+        conn.execute("COMMIT")
+    return rev, rows
+
+
+def by_id(conn: sqlite3.Connection, key_id: str) -> dict[str, Any] | None:
+    row = conn.execute(f"SELECT {COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+    return _row(row) if row else None
 
 
 def count(conn: sqlite3.Connection) -> int:

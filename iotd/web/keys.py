@@ -1,14 +1,45 @@
-"""REST for API keys (``apiKeys:*``).  A key may mint only keys within its own rights."""
+"""REST for API keys (``apiKeys:*``).
+
+A key may mint only keys within its own rights and lifetime: the new key's
+rights are a subset of the creator's, and a creator with an ``expiresAt``
+mints only keys that expire no later than it does (403 otherwise, like any
+other "beyond its own rights" refusal).  Revoking needs rights covering the
+target key's.  The listing shows ``lastUsedAt`` (recorded at most once a
+minute) once a key was used.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from klein import Klein
 
 from iotd import errors
-from iotd.auth import validate_key_request
-from iotd.timefmt import parse_iso
+from iotd.auth import ApiKey, validate_key_request
 from iotd.context import Context
+from iotd.timefmt import iso, parse_iso
 from iotd.web.request import page, read_json, require, respond
+
+
+def _expiry(body: dict[str, Any]) -> int | None:
+    expires = body.get("expiresAt")
+    if expires is None:
+        return None
+    try:
+        return parse_iso(expires)
+    except (ValueError, TypeError):
+        raise errors.Invalid("expiresAt must be an ISO 8601 date-time") from None
+
+
+def _check_lifetime(creator: ApiKey, expires_us: int | None) -> None:
+    """403 unless a key expiring at ``expires_us`` dies no later than ``creator``."""
+    if not creator.outlived_by(expires_us):
+        return
+    limit = iso(creator.expires_at)
+    if expires_us is None:
+        raise errors.Forbidden(f"expiresAt is required: this key expires at {limit}, "
+                               "and a key may only create keys that expire no later than it does")
+    raise errors.Forbidden(f"expiresAt must not be later than this key's own expiry ({limit})")
 
 
 def routes(app: Klein, ctx: Context) -> None:
@@ -20,15 +51,10 @@ def routes(app: Klein, ctx: Context) -> None:
         groups = body.get("groups", [])
         permissions = body.get("permissions", [])
         validate_key_request(role, groups, permissions, body.get("name"))
-        expires = body.get("expiresAt")
-        expires_us = None
-        if expires is not None:
-            try:
-                expires_us = parse_iso(expires)
-            except (ValueError, TypeError):
-                raise errors.Invalid("expiresAt must be an ISO 8601 date-time") from None
+        expires_us = _expiry(body)
         if not key.covers(role, groups, permissions):
             raise errors.Forbidden("a key may only create keys within its own rights")
+        _check_lifetime(key, expires_us)
         new, secret = await ctx.keys.create(key.tenant, body["name"], role, groups, permissions, expires_us)
         return respond(request, 201, {**new.to_json(), "key": secret})
 
@@ -38,12 +64,17 @@ def routes(app: Klein, ctx: Context) -> None:
         if key.role == "group":
             raise errors.Forbidden("group keys cannot list keys")
         result = page(request, ctx.keys.list(key.tenant), lambda k: k.id)
-        result["items"] = [k.to_json() for k in result["items"]]
+        result["items"] = [k.to_json(ctx.keys.last_used(k.id)) for k in result["items"]]
         return respond(request, 200, result)
 
     @app.route("/api/v1/api-keys/<key_id>", methods=["DELETE"])
     async def revoke_key(request, key_id):
         key = require(ctx, request, "apiKeys", "delete")
+        target = await ctx.keys.find(key_id, key.tenant)
+        if target is None:
+            raise errors.NotFound(f"no key {key_id!r}")
+        if not key.covers_key(target):
+            raise errors.Forbidden("a key may only revoke keys within its own rights")
         if not await ctx.keys.revoke(key_id, key.tenant):
             raise errors.NotFound(f"no key {key_id!r}")
         return respond(request, 204)
