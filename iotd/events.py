@@ -11,6 +11,12 @@ read stored events, then drain the buffer skipping ids already sent.
 Publication happens in the reactor thread in commit order, so this has no
 gap and no duplicate.
 
+The follower's buffer is bounded in bytes (:meth:`Event.size`): past its
+budget it is dropped — everything in it is stored, so the pages read after
+it bring those events back — and buffering starts afresh.  A page that comes
+back empty while a drop happened during its read is read again, so the
+switch to live never skips an event committed during that read.
+
 The bus is an interface a Redis-backed bus can implement later: it only
 needs ``subscribe`` and ``publish``.
 """
@@ -28,6 +34,25 @@ from iotd.store import events as evsql
 from iotd.timefmt import iso
 
 KINDS = ("packet", "reading", "ota", "action", "conn")
+EVENT_OVERHEAD = 256  # bytes an event costs besides its data (objects, dict slots)
+
+
+def approx_size(data: dict[str, Any]) -> int:
+    """A fair estimate of ``data``'s serialized size: strings by length (they dominate),
+    other values serialized (small, or as large as they are)."""
+    size = 2
+    for name, value in data.items():
+        size += len(name) + 4
+        if isinstance(value, str):
+            size += len(value)
+        elif value is None or isinstance(value, (bool, int, float)):
+            size += 8
+        else:
+            try:
+                size += len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+            except (ValueError, TypeError, RecursionError):
+                size += 1 << 20
+    return size
 
 
 @attrs.define(eq=False, slots=True)
@@ -40,6 +65,7 @@ class Event:
     data: dict[str, Any]
     _body: dict[str, Any] | None = None
     cache: dict[str, Any] = attrs.Factory(dict)  # per-event serializations shared by all sockets
+    _size: int = attrs.field(default=-1, init=False, repr=False)
 
     @property
     def inserted_at(self) -> str:
@@ -52,6 +78,19 @@ class Event:
             body.update(self.data)
             self._body = body
         return self._body
+
+    def size(self) -> int:
+        """About how many bytes this event's data holds (computed once; see :func:`approx_size`)."""
+        if self._size < 0:
+            self._size = EVENT_OVERHEAD + approx_size(self.data)
+        return self._size
+
+    def lean(self) -> "Event":
+        """The same event without its per-socket serializations (to keep it for long)."""
+        copy = Event(id=self.id, tenant=self.tenant, kind=self.kind, device=self.device,
+                     inserted_us=self.inserted_us, data=self.data)
+        copy._size = self._size
+        return copy
 
     def encoded(self, key: str, make: Callable[["Event"], bytes]) -> bytes:
         """``make(self)`` computed once per event for all sockets that share ``key``."""
@@ -117,7 +156,7 @@ class Follower:
 
     def __init__(self, log: "EventLog", tenant: str, kinds: Iterable[str], after_id: int,
                  deliver: Listener, devices: Callable[[], Iterable[str] | None] | None = None,
-                 page: int = 500):
+                 page: int = 500, max_bytes: int = 1 << 20):
         self._log = log
         self.tenant = tenant
         self.kinds = tuple(kinds)
@@ -125,12 +164,24 @@ class Follower:
         self._deliver = deliver
         self._devices = devices
         self._page = page
+        self.max_bytes = max_bytes
         self._buffer: list[Event] | None = []
+        self.buffered_bytes = 0
+        self.drops = 0  # how often the buffer passed max_bytes and was dropped
         self._sub = log.bus.subscribe(self._live, tenant=tenant, kinds=self.kinds)
 
     def _live(self, event: Event) -> None:
-        if self._buffer is not None:
-            self._buffer.append(event)
+        buffer = self._buffer
+        if buffer is not None:
+            if event.id <= self.last_id:
+                return  # a page already brought it
+            buffer.append(event)
+            self.buffered_bytes += event.size()
+            if self.buffered_bytes > self.max_bytes:
+                # all of it is stored: the coming pages read it again
+                buffer.clear()
+                self.buffered_bytes = 0
+                self.drops += 1
         elif event.id > self.last_id:
             self.last_id = event.id
             self._deliver(event)
@@ -139,17 +190,32 @@ class Follower:
         """The next page of stored events after ``last_id`` (empty when caught up).
 
         The caller sends them (at its own pace) and calls again; when it gets
-        an empty page it calls :meth:`go_live`.
+        an empty page it calls :meth:`go_live` (in the same reactor turn).
         """
-        devices = self._devices() if self._devices is not None else None
-        events = await self._log.read(self.tenant, self.kinds, self.last_id, self._page, devices)
-        if events:
-            self.last_id = events[-1].id
-        return events
+        while True:
+            drops = self.drops
+            devices = self._devices() if self._devices is not None else None
+            events = await self._log.read(self.tenant, self.kinds, self.last_id, self._page, devices)
+            if events:
+                self.last_id = events[-1].id
+                self._trim()
+                return events
+            if self.drops == drops or self._buffer is None:
+                return events
+            # the buffer was dropped while we read: what it held may be newer than the read
+
+    def _trim(self) -> None:
+        """Forget buffered events that a page has brought."""
+        buffer = self._buffer
+        if buffer and buffer[0].id <= self.last_id:
+            keep = [e for e in buffer if e.id > self.last_id]
+            self._buffer = keep
+            self.buffered_bytes = sum(e.size() for e in keep)
 
     def go_live(self) -> None:
         """Send what arrived during the replay (skipping what replay sent), then live."""
         buffered, self._buffer = self._buffer or [], None
+        self.buffered_bytes = 0
         for event in buffered:
             if event.id > self.last_id:
                 self.last_id = event.id
@@ -158,6 +224,7 @@ class Follower:
     def cancel(self) -> None:
         self._sub.cancel()
         self._buffer = None
+        self.buffered_bytes = 0
 
 
 class EventLog:
@@ -192,9 +259,11 @@ class EventLog:
         return await self.store.read(evsql.last_id_at_or_before, micros)
 
     def follow(self, tenant: str, kinds: Iterable[str], after_id: int, deliver: Listener,
-               devices: Callable[[], Iterable[str] | None] | None = None, page: int = 500) -> Follower:
-        """Start following: live events buffer while the caller pages through history."""
-        return Follower(self, tenant, kinds, after_id, deliver, devices, page)
+               devices: Callable[[], Iterable[str] | None] | None = None, page: int = 500,
+               max_bytes: int = 1 << 20) -> Follower:
+        """Start following: live events buffer (up to ``max_bytes``) while the caller pages
+        through history."""
+        return Follower(self, tenant, kinds, after_id, deliver, devices, page, max_bytes)
 
     async def prune(self, before_us: int) -> int:
         return await self.store.write(evsql.prune, before_us)

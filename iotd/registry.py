@@ -7,12 +7,24 @@ and is flushed to the store every few seconds.
 
 Identifiers are case-insensitive and kept upper-case; ``(tenant,
 identifier)`` is unique and ``pushId`` is unique across tenants.
+
+No request scans every device: each tenant keeps its identifiers in a sorted
+list (``bisect``), the identifiers of each tag in a sorted list, and for each
+subscription selector (``("pd", productID, deviceName)``, ``("p", projectID)``,
+``("pa", projectID, areaID)``) how many of its devices carry each tag, so "may
+a group key read some device of this project" is a few dict lookups.  The
+indexes change on writes (put, delete, load), never per event.  A page of
+``GET /api/v1/devices`` costs ``O(limit · log N)``; only a group key asking for
+a tag outside its groups walks the shorter of the two tag lists.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
-from typing import Any, Callable, Iterable
+import heapq
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import attrs
 from twisted.internet.task import LoopingCall
@@ -52,6 +64,19 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def id_text(value: Any) -> str | None:
+    """An ID given as a string or a number, as the string it is compared by (None: no ID)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
 def normalize_identifier(identifier: str) -> str:
     if not isinstance(identifier, str) or not identifier.strip() or len(identifier) > 200:
         raise errors.Invalid("identifier must be 1-200 characters")
@@ -78,6 +103,23 @@ class Device:
     online: bool = False
     lastSeen: int | None = None  # micros
     lastAddress: str | None = None
+    _selectors: tuple | None = attrs.field(default=None, init=False, repr=False)
+
+    @property
+    def selectors(self) -> tuple[tuple[str, ...], ...]:
+        """The subscription selectors this device matches: ``("pd", productID, deviceName)``,
+        and ``("p", projectID)`` / ``("pa", projectID, areaID)`` when it has them."""
+        sels = self._selectors
+        if sels is None:
+            out: list[tuple[str, ...]] = [("pd", self.product_id, self.device_name)]
+            project = id_text(self.projectID)
+            if project is not None:
+                out.append(("p", project))
+                area = id_text(self.areaID)
+                if area is not None:
+                    out.append(("pa", project, area))
+            sels = self._selectors = tuple(out)
+        return sels
 
     @property
     def product_id(self) -> str:
@@ -131,12 +173,100 @@ class Stream:
     id: str
     devices: list[str] = attrs.Factory(list)
     tags: list[str] = attrs.Factory(list)
+    _device_set: frozenset[str] = attrs.field(init=False, repr=False)
+    _tag_set: frozenset[str] = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._device_set = frozenset(self.devices)
+        self._tag_set = frozenset(self.tags)
+
+    def names(self, identifier: str) -> bool:
+        """Is ``identifier`` listed in ``devices``?"""
+        return identifier in self._device_set
 
     def contains(self, device: Device) -> bool:
-        return device.identifier in self.devices or not set(self.tags).isdisjoint(device.tags)
+        return device.identifier in self._device_set or not self._tag_set.isdisjoint(device.tags)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "devices": list(self.devices), "tags": list(self.tags)}
+
+
+class _TenantIndex:
+    """One tenant's indexes (see the module docstring)."""
+
+    __slots__ = ("ids", "tags", "selections")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []  # sorted identifiers
+        self.tags: dict[str, list[str]] = {}  # tag -> sorted identifiers
+        self.selections: dict[tuple[str, ...], dict[str, int]] = {}  # selector -> {tag: devices}
+
+    def add(self, device: Device, ordered: bool = True) -> None:
+        """Index ``device``; with ``ordered=False`` the lists are sorted later (:meth:`sort`)."""
+        ident, tags = device.identifier, set(device.tags)
+        _insert(self.ids, ident, ordered)
+        for tag in tags:
+            _insert(self.tags.setdefault(tag, []), ident, ordered)
+        if tags:
+            for sel in device.selectors:
+                counts = self.selections.setdefault(sel, {})
+                for tag in tags:
+                    counts[tag] = counts.get(tag, 0) + 1
+
+    def remove(self, device: Device) -> None:
+        ident, tags = device.identifier, set(device.tags)
+        _remove(self.ids, ident)
+        for tag in tags:
+            idents = self.tags.get(tag)
+            if idents is not None:
+                _remove(idents, ident)
+                if not idents:
+                    del self.tags[tag]
+        if tags:
+            for sel in device.selectors:
+                counts = self.selections.get(sel)
+                if counts is None:
+                    continue
+                for tag in tags:
+                    left = counts.get(tag, 0) - 1
+                    if left > 0:
+                        counts[tag] = left
+                    else:
+                        counts.pop(tag, None)
+                if not counts:
+                    del self.selections[sel]
+
+    def sort(self) -> None:
+        self.ids.sort()
+        for idents in self.tags.values():
+            idents.sort()
+
+
+def _insert(idents: list[str], ident: str, ordered: bool) -> None:
+    if not ordered:
+        idents.append(ident)
+        return
+    at = bisect.bisect_left(idents, ident)
+    if at == len(idents) or idents[at] != ident:
+        idents.insert(at, ident)
+
+
+def _remove(idents: list[str], ident: str) -> None:
+    at = bisect.bisect_left(idents, ident)
+    if at < len(idents) and idents[at] == ident:
+        del idents[at]
+
+
+def _after(idents: list[str], after: str | None) -> Iterator[str]:
+    """The identifiers of a sorted list strictly greater than ``after``, lazily (by position:
+    ``islice`` would step over the skipped ones)."""
+    at = bisect.bisect_right(idents, after) if after is not None else 0
+    while at < len(idents):
+        yield idents[at]
+        at += 1
+
+
+_NO_SELECTION: Mapping[str, int] = {}
 
 
 class Registry:
@@ -147,7 +277,7 @@ class Registry:
         self._clock = clock
         self._devices: dict[tuple[str, str], Device] = {}
         self._by_push: dict[int, Device] = {}
-        self._counts: dict[str, int] = {}
+        self._tenants: dict[str, _TenantIndex] = {}
         self._streams: dict[tuple[str, str], Stream] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._delete_listeners: list[Callable[[Device], None]] = []
@@ -158,7 +288,9 @@ class Registry:
         for tenant, ident, doc in await self._store.read(devsql.load_all):
             device = Device(tenant=tenant, identifier=ident, **doc)
             device.online = False  # nobody has polled this run yet
-            self._index(device)
+            self._index(device, ordered=False)
+        for index in self._tenants.values():
+            index.sort()
         for tenant, sid, doc in await self._store.read(devsql.load_streams):
             self._streams[(tenant, sid)] = Stream(tenant=tenant, id=sid, **doc)
         self._flush_loop.start(FLUSH_EVERY, now=False).addErrback(
@@ -170,12 +302,31 @@ class Registry:
             self._flush_loop.stop()
         await self.flush()
 
-    def _index(self, device: Device) -> None:
-        if (device.tenant, device.identifier) not in self._devices:
-            self._counts[device.tenant] = self._counts.get(device.tenant, 0) + 1
-        self._devices[(device.tenant, device.identifier)] = device
+    def _index(self, device: Device, ordered: bool = True) -> None:
+        """Make ``device`` the one of its ``(tenant, identifier)``, in every index."""
+        key = (device.tenant, device.identifier)
+        old = self._devices.get(key)
+        if old is not None:
+            self._unindex(old)
+        self._devices[key] = device
         if device.pushId is not None:
             self._by_push[device.pushId] = device
+        index = self._tenants.get(device.tenant)
+        if index is None:
+            index = self._tenants[device.tenant] = _TenantIndex()
+        index.add(device, ordered)
+
+    def _unindex(self, device: Device) -> None:
+        key = (device.tenant, device.identifier)
+        if self._devices.get(key) is device:
+            del self._devices[key]
+        if device.pushId is not None and self._by_push.get(device.pushId) is device:
+            del self._by_push[device.pushId]
+        index = self._tenants.get(device.tenant)
+        if index is not None:
+            index.remove(device)
+            if not index.ids:
+                del self._tenants[device.tenant]
 
     # -- lookups ------------------------------------------------------------
 
@@ -189,14 +340,78 @@ class Registry:
         return self._by_push.get(push_id)
 
     def devices(self, tenant: str) -> list[Device]:
-        return sorted((d for (t, _), d in self._devices.items() if t == tenant), key=lambda d: d.identifier)
+        """Every device of ``tenant`` by identifier: O(N), not for request paths (use :meth:`page`)."""
+        index = self._tenants.get(tenant)
+        if index is None:
+            return []
+        return [self._devices[(tenant, ident)] for ident in index.ids]
 
     def count(self, tenant: str) -> int:
         """How many devices ``tenant`` has (O(1))."""
-        return self._counts.get(tenant, 0)
+        index = self._tenants.get(tenant)
+        return len(index.ids) if index is not None else 0
 
     def all_devices(self) -> Iterable[Device]:
+        """Every device of every tenant: O(N), not for request paths."""
         return self._devices.values()
+
+    def page(self, tenant: str, limit: int, after: str | None = None,
+             tags: Iterable[str] | None = None,
+             where: Callable[[Device], bool] | None = None) -> tuple[list[Device], bool]:
+        """Up to ``limit`` devices of ``tenant`` with identifiers above ``after``, in order,
+        and whether more follow.
+
+        ``tags``: only devices with at least one of them (None: all); ``where``: a
+        further filter, applied as the sorted index is walked (it costs one call per
+        candidate it rejects).
+        """
+        index = self._tenants.get(tenant)
+        if index is None or limit < 1:
+            return [], False
+        if tags is None:
+            candidates: Iterator[str] = _after(index.ids, after)
+        else:
+            lists = [index.tags[t] for t in set(tags) if t in index.tags]
+            if len(lists) == 1:
+                candidates = _after(lists[0], after)
+            else:
+                candidates = (ident for ident, _ in itertools.groupby(
+                    heapq.merge(*(_after(idents, after) for idents in lists))))
+        out: list[Device] = []
+        for ident in candidates:
+            device = self._devices[(tenant, ident)]
+            if where is not None and not where(device):
+                continue
+            if len(out) == limit:
+                return out, True
+            out.append(device)
+        return out, False
+
+    def has_tag(self, tenant: str, tag: str) -> bool:
+        """Does some device of ``tenant`` carry ``tag``?"""
+        index = self._tenants.get(tenant)
+        return index is not None and tag in index.tags
+
+    def tag_size(self, tenant: str, tag: str) -> int:
+        """How many devices of ``tenant`` carry ``tag``."""
+        index = self._tenants.get(tenant)
+        return len(index.tags.get(tag, ())) if index is not None else 0
+
+    def tagged(self, tenant: str, tag: str) -> list[Device]:
+        """The devices of ``tenant`` that carry ``tag``, by identifier (O(those devices))."""
+        index = self._tenants.get(tenant)
+        if index is None:
+            return []
+        return [self._devices[(tenant, ident)] for ident in index.tags.get(tag, ())]
+
+    def selection_tags(self, tenant: str, selector: tuple[str, ...]) -> Mapping[str, int]:
+        """``{tag: devices}`` over the tagged devices of ``tenant`` that match a subscription
+        selector (see :attr:`Device.selectors`): a group key may read some device of the
+        selection when one of its groups is a key here."""
+        index = self._tenants.get(tenant)
+        if index is None:
+            return _NO_SELECTION
+        return index.selections.get(selector, _NO_SELECTION)
 
     # -- writes -------------------------------------------------------------
 
@@ -216,22 +431,17 @@ class Registry:
             await self._store.write(devsql.upsert, tenant, ident, push_id, device.doc())
         except devsql.PushIdTaken:
             raise errors.Conflict(f"pushId {push_id} belongs to another device") from None
-        current = self._devices.get((tenant, ident))
-        if current is not None and current.pushId is not None:
-            self._by_push.pop(current.pushId, None)
-        self._index(device)
+        self._index(device)  # replaces whatever is there now (another put may have won meanwhile)
         self._dirty.discard((tenant, ident))
         return device, old is None
 
     async def delete(self, tenant: str, identifier: str) -> bool:
         ident = normalize_identifier(identifier)
         removed = await self._store.write(devsql.delete, tenant, ident)
-        device = self._devices.pop((tenant, ident), None)
+        device = self._devices.get((tenant, ident))
         if device is None:
             return removed
-        self._counts[tenant] -= 1
-        if device.pushId is not None and self._by_push.get(device.pushId) is device:
-            del self._by_push[device.pushId]
+        self._unindex(device)
         self._dirty.discard((tenant, ident))
         for fn in list(self._delete_listeners):
             try:

@@ -94,3 +94,75 @@ async def test_unknown_paths_and_methods_are_json(daemon):
     assert status == 404 and body["error"]["code"] == "not_found"
     status, body = await daemon.request("PATCH", "/api/v1/devices/x")
     assert status == 405 and body["error"]["code"] == "method_not_allowed"
+
+
+async def ids(daemon, query: str = "", key: str | None = None) -> list[str]:
+    status, body = await daemon.request("GET", "/api/v1/devices" + query, key=key)
+    assert status == 200, body
+    return [d["identifier"] for d in body["items"]]
+
+
+async def may_subscribe(daemon, key: str, params: dict) -> bool:
+    from ws_helpers import Client, ws_url
+
+    client = await Client.open(ws_url(daemon, "/api/v1/system/common/websocket/connect", token=key))
+    try:
+        await client.recv_json()
+        reply = await client.request({"type": "up.sub", "body": {"code": "deviceConn", "params": params}})
+    finally:
+        await client.close()
+    assert reply["code"] in (200, 100012), reply
+    return reply["code"] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookups_follow_puts_deletes_and_auto_registration(daemon):
+    import treq
+
+    registry = daemon.ctx.registry
+    group = await daemon.new_key("group", groups=["blue"])
+    await daemon.put_device("m-1", tags=["red"], projectID="p1", areaID="a1", productID="P", deviceName="N")
+    await daemon.put_device("m-2", tags=["red", "blue"], projectID="p2")
+    assert await ids(daemon, "?tag=red") == ["M-1", "M-2"]
+    assert await ids(daemon, key=group) == ["M-2"]
+    assert not await may_subscribe(daemon, group, {"projectID": "p1"})
+    assert not await may_subscribe(daemon, group, {"productID": "P", "deviceName": "N"})
+    # PUT again with other tags, project and area: every lookup follows
+    await daemon.put_device("m-1", tags=["blue"], projectID="p9", areaID="a9", productID="P", deviceName="N")
+    assert await ids(daemon, "?tag=red") == ["M-2"]
+    assert await ids(daemon, "?tag=blue") == ["M-1", "M-2"]
+    assert await ids(daemon, key=group) == ["M-1", "M-2"]
+    assert not await may_subscribe(daemon, group, {"projectID": "p1"})
+    assert await may_subscribe(daemon, group, {"projectID": "p9", "areaID": "a9"})
+    assert await may_subscribe(daemon, group, {"productID": "P", "deviceName": "N"})
+    assert registry.count("default") == 2
+    # a push device that polls is auto-registered and listed
+    resp = await treq.get(daemon.url + "/push", params={"deviceId": "4711"})
+    assert resp.code == 200
+    await resp.content()
+    assert await ids(daemon) == ["4711", "M-1", "M-2"] and registry.count("default") == 3
+    # deleted: gone from every lookup
+    assert (await daemon.request("DELETE", "/api/v1/devices/m-1"))[0] == 204
+    assert await ids(daemon, "?tag=blue") == ["M-2"]
+    assert await ids(daemon, key=group) == ["M-2"]
+    assert not await may_subscribe(daemon, group, {"projectID": "p9"})
+    assert await ids(daemon) == ["4711", "M-2"] and registry.count("default") == 2
+    status, body = await daemon.request("GET", "/api/v1/tags/blue/packets/socket")
+    assert status == 426, body  # blue still names a device (M-2): only the upgrade is missing
+    assert (await daemon.request("DELETE", "/api/v1/devices/m-2"))[0] == 204
+    status, body = await daemon.request("GET", "/api/v1/tags/blue/packets/socket")
+    assert status == 404, body
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_group_key_sees_only_its_devices_in_a_stream(daemon):
+    await daemon.put_device("mine", tags=["g"])
+    await daemon.put_device("theirs", tags=["h"])
+    status, _ = await daemon.request("PUT", "/api/v1/streams/s", {"devices": ["mine", "theirs", "ghost"],
+                                                                  "tags": ["h"]})
+    assert status == 201
+    group = await daemon.new_key("group", groups=["g"])
+    status, body = await daemon.request("GET", "/api/v1/streams/s", key=group)
+    assert status == 200 and body == {"id": "s", "devices": ["MINE"], "tags": ["h"]}
+    status, body = await daemon.request("GET", "/api/v1/streams/s")
+    assert body["devices"] == ["MINE", "THEIRS", "GHOST"]

@@ -209,11 +209,15 @@ async def test_reading_preloads_embed_packet_and_interface_live_and_in_replay(da
 
 
 @pytest_twisted.ensureDeferred
-async def test_packet_preload_without_interface_and_an_unknown_packet(daemon):
+async def test_packet_preload_of_a_packet_pruned_meanwhile_is_null(daemon):
     await daemon.put_device("gate-01", **DEVICE)
-    client = await Client.open(socket_url(daemon, part="readings", preload="packet"))
+    (pkt,) = await packets(daemon, "gate-01", 1)
+    stored = await reading(daemon, "gate-01", packet_id=pkt["id"])
+    # retention prunes the packet but not the reading; nothing is cached any more
+    assert await daemon.ctx.events.prune(parse_iso(stored["inserted_at"])) == 1
+    daemon.ctx.jobs["element"]._packets.clear()
+    client = await Client.open(socket_url(daemon, part="readings", preload="packet", after=pkt["inserted_at"]))
     try:
-        stored = await reading(daemon, "gate-01", packet_id=999999)
         body = (await client.recv_json())[0]["body"]
         assert body["id"] == stored["id"] and body["packet"] is None and "device" not in body
     finally:

@@ -119,10 +119,12 @@ async def test_every_error_code_echoes_the_request_type(daemon):
         for body in bad_bodies:
             for type_ in ("up.sub", "up.unSub"):
                 assert await client.request({"type": type_, "body": body}) == dict(param, type=type_), body
-        # a client sending down.*: 100018
-        for type_ in ("down.pub", "down.subRet"):
-            assert await client.request({"type": type_, "body": {}}) == {"code": 100018, "msg": "尚未实现",
-                                                                        "type": type_}
+        # a client sending down.pub: 100018; other down.* types are ignored silently
+        assert await client.request({"type": "down.pub", "body": {}}) == {"code": 100018, "msg": "尚未实现",
+                                                                         "type": "down.pub"}
+        for type_ in ("down.subRet", "down.unSubRet", "down.pong"):
+            await client.send({"type": type_, "body": {}})
+        await client.silent(0.15)
         # a key that may not read the device/project/area: 100012
         forbidden = {"code": 100012, "msg": "权限不足", "type": "up.sub"}
         for params in ({"productID": "P2", "deviceName": "D2"}, {"projectID": "p2"},

@@ -16,6 +16,15 @@
   Bytes written while paused are counted; past ``max_buffer_bytes`` a 1008
   close frame is queued and the connection aborted.
 
+* Origins: any ``Origin`` is accepted (``null`` and ``file://`` included: pages
+  opened from disk, sandboxed iframes, WebViews); the key authenticates and
+  there are no cookies to ride on.  The route has checked the request, so the
+  ``Origin`` header is taken out before Autobahn re-reads the handshake (its
+  origin check refuses ``null`` and host-less origins).
+* A handshake Autobahn still refuses (no ``Sec-WebSocket-Version``, a bad
+  ``Sec-WebSocket-Key``...) is answered with a JSON body
+  ``{"error": {"code": "bad_handshake", "message": ...}}``, never a bare status line.
+
 Timers (idle, heartbeat) use ``factory.clock`` (the reactor unless a test sets
 a :class:`twisted.internet.task.Clock`).
 """
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from http import HTTPStatus
 from typing import Any, Callable, Iterable
 
 from autobahn.twisted.resource import WebSocketResource
@@ -133,6 +143,18 @@ class SocketProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: Any) -> None:
         return None  # the Klein route has checked everything before the upgrade
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        """A refused handshake (Autobahn's own checks): a JSON error body, not a bare status line."""
+        body = dumps({"error": {"code": "bad_handshake", "message": reason[:500]}})
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "Error"
+        head = [f"HTTP/1.1 {code} {phrase}"]
+        head.extend(f"{name}: {value}" for name, value in responseHeaders or ())
+        head += ["Content-Type: application/json", f"Content-Length: {len(body)}", "Connection: close"]
+        self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body)
 
     def onOpen(self) -> None:
         self.log.info("websocket {conn} ({kind}) opened by {host} key {key_id}",
@@ -329,6 +351,8 @@ class SocketFactory(WebSocketServerFactory):
             raise errors.Unavailable("iotd is shutting down")
         host = peer_host(request)
         self.limits.check(host)
+        for name in (b"origin", b"sec-websocket-origin"):  # any Origin is fine (module docstring)
+            request.requestHeaders.removeHeader(name)
         return WebSocketResource(_Bound(self, key, host, setup))
 
     def buildProtocol(self, addr: Any) -> SocketProtocol:

@@ -13,6 +13,19 @@ A socket with ``after`` first replays stored events through
 duplicate), a page of up to 100 events per frame, waiting for the client to
 drain each frame when its socket buffer is full; then it joins the index in
 the same reactor turn as the last buffered live event is sent.
+
+Memory, chosen where the spec is silent: the recent packets kept for the
+``packet`` preload (:class:`PacketCache`) are bounded by ``[websocket]
+packet_cache_bytes`` (an event counts its data's size, see
+:meth:`iotd.events.Event.size`) and by :data:`PACKET_CACHE` entries, and keep
+a copy of each packet without the frames built for its sockets.  Packets are
+cached only while some socket with that preload is open (the cache is emptied
+when the last one closes); a reading whose packet is not cached reads it from
+the store.  A replay's buffer of live events is bounded by
+``max_buffer_bytes`` (past it, it is dropped and the replay reads those events
+from the store).  Live events that wait behind a packet read from the store
+count toward the socket's ``max_buffer_bytes``; past it the socket is cut as
+too slow (1008).
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ KINDS = ("packet", "reading")
 EVENT_NAMES = {"packet": "packet_added", "reading": "reading_added"}
 SCOPES = ("mandate", "device", "tag", "stream")
 REPLAY_FRAME = 100  # events per replay frame
-PACKET_CACHE = 20000  # recent packets kept for the `packet` preload
+PACKET_CACHE = 20000  # at most this many recent packets are kept for the `packet` preload
 
 _PRELOADS = {
     "packet": ("device", "device.fields", "device.interfaces"),
@@ -100,6 +113,40 @@ def packet_doc(packet: Event | None, device: Any, preload: tuple[str, ...]) -> d
     return out
 
 
+class PacketCache:
+    """Recent packets for the ``packet`` preload, oldest dropped first, bounded in bytes and entries."""
+
+    def __init__(self, max_bytes: int, max_entries: int = PACKET_CACHE):
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.bytes = 0
+        self._items: OrderedDict[int, Event] = OrderedDict()
+
+    def add(self, event: Event) -> None:
+        size = event.size()
+        if size > self.max_bytes:
+            return  # larger than the whole cache: read from the store when needed
+        items = self._items
+        old = items.pop(event.id, None)
+        if old is not None:
+            self.bytes -= old.size()
+        items[event.id] = event.lean()
+        self.bytes += size
+        while self.bytes > self.max_bytes or len(items) > self.max_entries:
+            _, gone = items.popitem(last=False)
+            self.bytes -= gone.size()
+
+    def get(self, packet_id: int) -> Event | None:
+        return self._items.get(packet_id)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class Bucket:
     """The sockets of one scope target: ``plain`` ones share a frame, ``special`` ones don't."""
 
@@ -156,7 +203,9 @@ class ElementSocket(SocketProtocol):
     _last = 0.0
     _follower: Any = None
     _queue: deque | None = None
+    _queued_bytes = 0  # size of the events in _queue
     _live = False
+    _packet_user = False  # counted in factory.packet_users
 
     def configure(self, tenant: str, event_kind: str, scope: str, target: str,
                   preload: tuple[str, ...], after_id: int | None) -> None:
@@ -172,6 +221,9 @@ class ElementSocket(SocketProtocol):
     def opened(self) -> None:
         self._last = self.clock.seconds()
         self._idle_call = self.clock.callLater(self.factory.idle_timeout, self._idle_check)
+        if "packet" in self.preload:
+            self._packet_user = True
+            self.factory.packet_users += 1
         if self.after_id is None:
             self._go_live()
         else:
@@ -189,6 +241,12 @@ class ElementSocket(SocketProtocol):
             self._live = False
             self.factory.detach(self)
         self._queue = None
+        self._queued_bytes = 0
+        if self._packet_user:
+            self._packet_user = False
+            self.factory.packet_users -= 1
+            if not self.factory.packet_users:
+                self.factory._packets.clear()
 
     def activity(self) -> None:
         self._last = self.clock.seconds()
@@ -224,7 +282,7 @@ class ElementSocket(SocketProtocol):
         stream = self.factory.registry.stream(self.tenant, self.target)
         if stream is None:
             return False
-        return event.device in stream.devices or (device is not None and stream.contains(device))
+        return stream.names(event.device) or (device is not None and stream.contains(device))
 
     def replay_devices(self) -> Iterable[str] | None:
         """The identifiers whose stored events the replay reads (None: all of the tenant)."""
@@ -234,14 +292,15 @@ class ElementSocket(SocketProtocol):
         if scope == "device":
             return [self.target]
         if scope == "tag":
-            return [d.identifier for d in registry.devices(self.tenant)
-                    if self.target in d.tags and key.sees(d)]
+            return [d.identifier for d in registry.tagged(self.tenant, self.target) if key.sees(d)]
         stream = registry.stream(self.tenant, self.target)
         if stream is None:
             return []
-        chosen = {d.identifier for d in registry.devices(self.tenant) if stream.contains(d) and key.sees(d)}
-        if not key.limited:
-            chosen.update(stream.devices)
+        chosen = {d.identifier for tag in stream.tags for d in registry.tagged(self.tenant, tag) if key.sees(d)}
+        for ident in stream.devices:
+            device = registry.get(self.tenant, ident)
+            if not key.limited or (device is not None and key.sees(device)):
+                chosen.add(ident)
         return sorted(chosen)
 
     # -- replay -------------------------------------------------------------------
@@ -250,7 +309,7 @@ class ElementSocket(SocketProtocol):
         factory = self.factory
         follower = self._follower = factory.events.follow(
             self.tenant, (self.event_kind,), self.after_id, self._followed,
-            devices=self.replay_devices, page=REPLAY_FRAME)
+            devices=self.replay_devices, page=REPLAY_FRAME, max_bytes=self.max_buffer)
         sent, limit = 0, factory.replay_limit
         while True:
             page = await follower.replay_page()
@@ -320,6 +379,10 @@ class ElementSocket(SocketProtocol):
         if self.state != STATE_OPEN:
             return
         if self._needs_packet(event) or self._queue:
+            self._queued_bytes += event.size()
+            if self._queued_bytes > self.max_buffer:
+                self.too_slow()  # events waiting for their packets: unsent data like any other
+                return
             entry = [event, device, None, False]
             if self._queue is None:
                 self._queue = deque()
@@ -342,6 +405,7 @@ class ElementSocket(SocketProtocol):
         queue = self._queue
         while queue and queue[0][3]:
             event, device, packet, _ = queue.popleft()
+            self._queued_bytes -= event.size()
             self._send_live(event, device, packet)
 
     def _send_live(self, event: Event, device: Any, packet: Event | None) -> None:
@@ -371,7 +435,8 @@ class ElementFactory(SocketFactory):
         self.idle_timeout = ctx.config.websocket.idle_timeout
         self.replay_limit = ctx.config.websocket.replay_limit
         self._index: dict[tuple[str, str], Scopes] = {}
-        self._packets: OrderedDict[int, Event] = OrderedDict()
+        self._packets = PacketCache(ctx.config.websocket.packet_cache_bytes)
+        self.packet_users = 0  # open sockets with the `packet` preload (the cache serves only them)
         self._sub: Any = None
 
     def start(self) -> None:
@@ -407,11 +472,8 @@ class ElementFactory(SocketFactory):
     # -- per event --------------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
-        if event.kind == "packet":
-            packets = self._packets
-            packets[event.id] = event
-            if len(packets) > PACKET_CACHE:
-                packets.popitem(last=False)
+        if event.kind == "packet" and self.packet_users:
+            self._packets.add(event)
         scopes = self._index.get((event.tenant, event.kind))
         if scopes is None:
             return
@@ -430,7 +492,7 @@ class ElementFactory(SocketFactory):
         if scopes.stream:
             for stream_id, bucket in scopes.stream.items():
                 stream = self.registry.stream(event.tenant, stream_id)
-                if stream is not None and (event.device in stream.devices
+                if stream is not None and (stream.names(event.device)
                                            or (device is not None and stream.contains(device))):
                     buckets.append(bucket)
         for bucket in buckets:

@@ -12,6 +12,20 @@ connections subscribed with it.  An event looks up only the selectors its
 device has (at most four per code), merges the hits (so a connection gets it
 at most once) and writes one prepared frame to each.  Group keys are checked
 per event (project/area/groups may change); other keys see their tenant.
+
+Chosen where the spec is silent:
+
+* "May this group key subscribe?" asks the registry's selector index (which
+  tags the devices of a product+deviceName / project / project+area carry),
+  never a scan of the devices.
+* The per-connection cap counts refusals too: subscriptions held plus
+  ``up.sub`` requests refused with ``100012`` may not pass
+  :data:`MAX_SUBSCRIPTIONS`; past it every ``up.sub`` is answered ``100006``
+  without looking anything up (a refusal stays counted for the life of the
+  connection; ``up.unSub`` frees only subscriptions).  Malformed requests
+  (``100006``, ``100014``) are answered without any lookup and are not counted.
+* A client-sent ``down.pub`` gets ``100018``; any other ``down.*`` type is
+  ignored silently, like unknown types (as the iThings server does).
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from typing import Any
 from twisted.internet.task import LoopingCall
 
 from iotd.events import Event
+from iotd.registry import id_text
 from iotd.timefmt import parse_iso
 from iotd.ws.base import STATE_OPEN, SocketFactory, SocketProtocol, SocketService, dumps
 
@@ -66,19 +81,6 @@ class BadRequest(Exception):
         self.code, self.msg = code, msg
 
 
-def id_text(value: Any) -> str | None:
-    """An ID given as a string or a number, as the string it is compared by."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    return None
-
-
 def selector(code: str, params: Any) -> tuple[str, ...]:
     """The selector of one ``params`` object; :class:`BadRequest` (100006) if no form fits."""
     if not isinstance(params, dict):
@@ -117,13 +119,11 @@ def content_text(data: dict[str, Any]) -> str:
     return payload
 
 
-def identity(device: Any, identifier: str) -> tuple[str, str, str | None, str | None]:
-    """``(productID, deviceName, projectID, areaID)`` of an event's device."""
+def identity(device: Any, identifier: str) -> tuple[str, str]:
+    """``(productID, deviceName)`` of an event's device (its identifier for both if unknown)."""
     if device is None:
-        return identifier, identifier, None, None
-    project = id_text(device.projectID) if device.projectID is not None else None
-    area = id_text(device.areaID) if device.areaID is not None else None
-    return device.product_id, device.device_name, project, area
+        return identifier, identifier
+    return device.product_id, device.device_name
 
 
 def pub(code: str, body: dict[str, Any]) -> bytes:
@@ -135,6 +135,7 @@ class SubscribeSocket(SocketProtocol):
     app_code: str | None = None
     project_id: str | None = None
     limited = False
+    refused = 0  # up.sub requests refused with 100012 (they count toward the cap)
     _heartbeat: Any = None
     _missed = 0
 
@@ -197,7 +198,7 @@ class SubscribeSocket(SocketProtocol):
             self.reply(E_PARAM, E_PARAM_MSG, None)
             return
         try:
-            if type_.startswith("down."):
+            if type_ == "down.pub":
                 raise BadRequest(E_NOT_IMPLEMENTED, E_NOT_IMPLEMENTED_MSG)
             if type_ == "up.ping":
                 self.reply(200, OK, "down.pong")
@@ -207,7 +208,7 @@ class SubscribeSocket(SocketProtocol):
             elif type_ == "up.unSub":
                 self._unsubscribe(request.get("body"))
                 self.reply(200, OK, "down.unSubRet")
-            # other types are ignored
+            # other types (other down.* ones included) are ignored
         except BadRequest as e:
             self.reply(e.code, e.msg, type_)
 
@@ -221,12 +222,13 @@ class SubscribeSocket(SocketProtocol):
 
     def _subscribe(self, body: Any) -> None:
         code, sel = self._parse(body)
-        if not self.factory.may_subscribe(self.key, code, sel):
-            raise BadRequest(E_PERMISSION, E_PERMISSION_MSG)
         if (code, sel) in self.subs:
             return
-        if len(self.subs) >= MAX_SUBSCRIPTIONS:
+        if len(self.subs) + self.refused >= MAX_SUBSCRIPTIONS:
             raise BadRequest(E_PARAM, E_PARAM_MSG)
+        if not self.factory.may_subscribe(self.key, code, sel):
+            self.refused += 1
+            raise BadRequest(E_PERMISSION, E_PERMISSION_MSG)
         self.subs.add((code, sel))
         self.factory.add(self, code, sel)
         self.log.debug("websocket {conn} subscribed {code} {sel}", conn=self.conn_id, code=code, sel=sel)
@@ -289,18 +291,10 @@ class SubscribeFactory(SocketFactory):
             return False
         if not key.limited:
             return True
-        form = sel[0]
-        for device in self.registry.all_devices():
-            if device.tenant != key.tenant or not key.sees(device):
-                continue
-            product, name, project, area = identity(device, device.identifier)
-            if form in ("pd", "pdi") and (product, name) == (sel[1], sel[2]):
-                return True
-            if form == "p" and project == sel[1]:
-                return True
-            if form == "pa" and (project, area) == (sel[1], sel[2]):
-                return True
-        return False
+        if sel[0] == "pdi":  # the identifier names a reading key, not a device
+            sel = ("pd", sel[1], sel[2])
+        tags = self.registry.selection_tags(key.tenant, sel)
+        return any(group in tags for group in key.groups)
 
     # -- per event ----------------------------------------------------------------------
 
@@ -309,12 +303,12 @@ class SubscribeFactory(SocketFactory):
         if tenant not in self._tenants:
             return
         device = self.registry.get(tenant, event.device)
-        product, name, project, area = identity(device, event.device)
-        sels: list[tuple[str, ...]] = [("pd", product, name)]
-        if project is not None:
-            sels.append(("p", project))
-            if area is not None:
-                sels.append(("pa", project, area))
+        if device is not None:
+            sels = list(device.selectors)
+            product, name = sels[0][1], sels[0][2]
+        else:
+            product = name = event.device
+            sels = [("pd", product, name)]
         for code in KIND_CODES[event.kind]:
             if code == "devicePropertyReport":
                 data = event.data.get("data")
@@ -354,7 +348,7 @@ class SubscribeFactory(SocketFactory):
 
     def message(self, event: Event, device: Any, code: str, identifier: str | None) -> bytes:
         """The ``down.pub`` message of ``code`` for ``event`` (built once per event)."""
-        product, name, _, _ = identity(device, event.device)
+        product, name = identity(device, event.device)
         data = event.data
         who = {"productID": product, "deviceName": name}
         if code == "devicePropertyReport":
