@@ -186,15 +186,16 @@ def digest_of(secret: str | None) -> str | None:
 
 
 def presented_key(header: Callable[[str], str | None], query: Callable[[str], str | None]) -> str | None:
-    """The key a request carries: Bearer header, ``auth`` or ``token`` (header or query)."""
+    """The key a request carries: Bearer header, ``ithings-token``/``token`` header, then query
+    ``auth``, ``ithings-token``, ``token`` (``ithings-`` before the plain name, as iThings does)."""
     value = header("authorization")
     if value and value[:7].lower() == "bearer ":
         return value[7:].strip()
-    for name in ("token", "ithings-token"):
+    for name in ("ithings-token", "token"):
         value = header(name)
         if value:
             return value.strip()
-    for name in ("auth", "token"):
+    for name in ("auth", "ithings-token", "token"):
         value = query(name)
         if value:
             return value

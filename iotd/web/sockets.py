@@ -120,13 +120,8 @@ def subscribe_routes(app: Klein, ctx: Context, factory: Any) -> None:
     @app.route(CONNECT_PATH, methods=["GET"], endpoint="ws_subscribe_connect")
     async def connect(request: Any) -> Any:
         check_headers(request)
-        secret = connect_param(request, "token") or key_of(request)
-        key = ctx.keys.authenticate(secret)
-        if key is None and ctx.keys.unknown(secret):
-            # a key the ring does not know yet (the CLI, another node), given where the
-            # site's own look-up does not read it (``ithings-token`` in the query)
-            await ctx.keys.lookup(secret)
-            key = ctx.keys.authenticate(secret)
+        # (a key the ring did not know yet was looked up by the site root before this)
+        key = ctx.keys.authenticate(key_of(request))
         tenant_code = connect_param(request, "tenant-code")
         if key is None or (tenant_code is not None and tenant_code != key.tenant):
             metrics.auth_failures.inc()
