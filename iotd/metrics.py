@@ -29,3 +29,14 @@ events_delivered = Counter("iotd_events_delivered_total", "Event frames delivere
 # http / auth
 http_requests = Counter("iotd_http_requests_total", "HTTP requests answered", ["status"])
 auth_failures = Counter("iotd_auth_failures_total", "Requests refused for a missing or bad key")
+
+# site-store (HTTP connection limits, store health)
+http_connections_closed = Counter("iotd_http_connections_closed_total",
+                                  "HTTP connections cut by a limit", ["reason"])
+store_writes_refused = Counter("iotd_store_writes_refused_total",
+                               "Store writes refused with 503 (queue full, disk full, file missing)", ["reason"])
+store_health = Gauge("iotd_store_health", "1 for the store's current health state", ["state"])
+
+# keys
+key_lookups = Counter("iotd_key_lookups_total",
+                      "Unknown API keys looked up in the store before a 401", ["outcome"])

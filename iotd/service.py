@@ -35,9 +35,10 @@ class CoreService(service.Service):
     log = Logger()
     name = "core"
 
-    def __init__(self, config: Any, reactor: Any):
+    def __init__(self, config: Any, reactor: Any, clock: Any = None):
         self.config = config
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
         self.store = Store(config.database_path, reactor)
         self.keys = KeyRing(self.store, reactor)
         self.registry = Registry(self.store, reactor)
@@ -45,7 +46,7 @@ class CoreService(service.Service):
         self.ready = False
         self.started: defer.Deferred = defer.Deferred()
         self._prune = LoopingCall(self._prune_events)
-        self._prune.clock = reactor
+        self._prune.clock = self.clock
         self._starting: defer.Deferred | None = None
 
     def startService(self):
@@ -85,7 +86,7 @@ class CoreService(service.Service):
         self.log.info("created the first admin API key; it is in {path}", path=os.path.abspath(path))
 
     async def _prune_events(self) -> None:
-        cutoff = int((self.reactor.seconds() - self.config.retention.events_days * 86400) * 1_000_000)
+        cutoff = int((self.clock.seconds() - self.config.retention.events_days * 86400) * 1_000_000)
         removed = await self.events.prune(cutoff)
         if removed:
             self.log.info("pruned {count} events older than {days} days", count=removed,

@@ -42,11 +42,13 @@ class DaemonProcess:
         with open(os.path.join(self.workdir, "data", "admin.key")) as f:
             return f.read().strip()
 
-    def start(self, timeout: float = 20.0) -> "DaemonProcess":
+    def start(self, timeout: float = 20.0, preexec_fn=None) -> "DaemonProcess":
+        """Run twistd (``preexec_fn`` runs in the child before it, e.g. to lower a limit)."""
         env = dict(os.environ, PYTHONPATH=ROOT)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "iotd", "-c", self.ini],
-                                     cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+                                     cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=preexec_fn)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -72,9 +74,11 @@ class DaemonProcess:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
             return f.read()
 
-    def request(self, method: str, path: str, body=None, key: str | None = None):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+    def request(self, method: str, path: str, body=None, key: str | None = None,
+                headers: dict | None = None, raw: bytes | None = None):
+        """``(status, parsed JSON or None)``; ``raw`` is sent as the body instead of ``body`` as JSON."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         if key:
             req.add_header("Authorization", f"Bearer {key}")
         if data is not None:

@@ -20,6 +20,14 @@ def test_values_parse_into_types():
     assert [str(n) for n in cfg.push.allowed_sources] == ["10.0.0.0/8", "192.168.1.0/24"]
 
 
+def test_http_connection_limits_default_and_parse():
+    assert config.Config().http.max_connections_per_address == 256
+    assert config.Config().http.header_timeout == 10.0
+    cfg = config.parse_text("[http]\nmax_connections_per_address = 0\nheader_timeout = 2.5\n")
+    assert cfg.http.max_connections_per_address == 0  # no limit
+    assert cfg.http.header_timeout == 2.5
+
+
 @pytest.mark.parametrize("text, message", [
     ("[nosuch]\na = 1\n", "iotd: config error: [nosuch]: unknown section"),
     ("[http]\nlisten_on = tcp:1\n", "iotd: config error: [http] listen_on: unknown key"),
@@ -31,6 +39,9 @@ def test_values_parse_into_types():
     ("[http]\nlisten = ssl:8443:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem\n",
      "iotd: config error: [http] listen: cannot read privateKey file '/nonexistent/k.pem'"),
     ("[http]\nlisten = carrier-pigeon:1\n", "iotd: config error: [http] listen: unknown endpoint type 'carrier-pigeon' in 'carrier-pigeon:1'"),
+    ("[http]\nmax_connections_per_address = -1\n",
+     "iotd: config error: [http] max_connections_per_address: must be at least 0, got -1"),
+    ("[http]\nheader_timeout = 0\n", "iotd: config error: [http] header_timeout: must be at least 0.001, got 0"),
 ])
 def test_errors_name_section_and_key(text, message):
     with pytest.raises(config.ConfigError) as info:

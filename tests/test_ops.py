@@ -8,7 +8,8 @@ import treq
 async def test_healthz_needs_no_key(daemon):
     resp = await treq.get(daemon.url + "/healthz")
     assert resp.code == 200
-    assert (await resp.json())["status"] == "ok"
+    body = await resp.json()
+    assert body["status"] == "ok" and body["store"] == "ok"
 
 
 @pytest_twisted.ensureDeferred
@@ -37,6 +38,7 @@ async def test_healthz_503_when_store_down(daemon):
     await daemon.ctx.store.stop()
     resp = await treq.get(daemon.url + "/healthz")
     assert resp.code == 503
+    assert (await resp.json())["store"] == "unavailable"
     status, body = await daemon.request("PUT", "/api/v1/devices/x", {})
     assert status == 503 and body["error"]["code"] == "unavailable"
     await daemon.ctx.store.start()

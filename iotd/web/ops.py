@@ -1,4 +1,11 @@
-"""``/healthz`` and ``/metrics`` (no key: bind ``[http] listen`` privately to hide them)."""
+"""``/healthz`` and ``/metrics`` (no key: bind ``[http] listen`` privately to hide them).
+
+``/healthz`` is 200 ``{"status": "ok", "store": "ok", "version"}`` when a
+read reaches the store and its health (:attr:`iotd.store.db.Store.health`)
+is ``ok``; otherwise 503 with ``"status": "unavailable"`` and ``"store"``
+saying why: ``"full"`` (disk full), ``"missing"`` (the database file was
+removed under the daemon) or ``"unavailable"`` (not running).
+"""
 
 from __future__ import annotations
 
@@ -20,8 +27,12 @@ def routes(app: Klein, ctx: Context) -> None:
         try:
             await ctx.store.read(_ping)
         except Exception:
-            return respond(request, 503, {"status": "unavailable", "version": __version__})
-        return respond(request, 200, {"status": "ok", "version": __version__})
+            state = "unavailable"
+        else:
+            state = ctx.store.health
+        if state != "ok":
+            return respond(request, 503, {"status": "unavailable", "store": state, "version": __version__})
+        return respond(request, 200, {"status": "ok", "store": "ok", "version": __version__})
 
     @app.route("/metrics", methods=["GET"])
     def metrics(request):

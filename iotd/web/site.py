@@ -1,9 +1,42 @@
-"""The HTTP site: request size limits, the site root, fast paths, the access log.
+"""The HTTP site: connection limits, request size limits, the site root, fast paths, the access log.
 
-:class:`LimitedRequest` answers 413 before a body is buffered; :class:`Root`
-answers 503 while starting, handles CORS and hands hot paths (``/push``)
-their resource before Klein's routing; :class:`Site` counts and logs every
-request with keys redacted.
+:class:`Site` builds a :class:`Channel` per connection; :class:`LimitedRequest`
+answers 413 before a body is buffered; :class:`Root` answers 503 while
+starting, handles CORS and hands hot paths (``/push``) their resource before
+Klein's routing; the access log (:func:`access_log`) has keys redacted.
+Every HTTP listener (the main one and ``[push] listen``) is a site from
+:func:`make_site`, so every limit here applies to each.
+
+Chosen where the spec is silent:
+
+- ``[http] max_connections_per_address`` counts the open HTTP connections
+  of one site per client address (the main site and the ``[push] listen``
+  site count apart); a connection upgraded to a websocket leaves the count
+  (``[websocket] max_connections`` and ``max_connections_per_address``
+  govern it from then on).  Beyond the limit the new connection is aborted
+  as soon as it is accepted, without an answer (it costs nothing), and
+  counted as ``iotd_http_connections_closed_total{reason="per_address"}``.  Clients of a
+  unix socket have no address and are not counted.  Behind a reverse proxy
+  every client has the proxy's address: raise the limit or set 0.
+- ``[http] header_timeout`` is an absolute deadline for one request's line
+  and headers: from the connection's opening (first request) or from the
+  first byte of the next request on a keep-alive connection, to the blank
+  line that ends the headers.  Bytes trickling in do not extend it.  On
+  expiry the client gets a 408 JSON answer and the connection is closed
+  (``reason="header_timeout"``).  A body is bounded by ``max_body_bytes`` and
+  by Twisted's idle timeout, not by this deadline; a keep-alive connection
+  idle between requests is closed by that idle timeout (60 s without a byte).
+- A 413 is written straight to the connection (the request never reaches a
+  handler) and logged in the access log like any answer.  The connection is
+  then closed; the rest of the body is read and dropped for up to
+  :data:`LINGER` seconds first, so that a client still sending reads the 413
+  instead of a reset.
+- Either limit tripping logs one line, then at most one a minute per reason
+  and site (with the count since), so a flood does not flood the log.
+- The access log replaces the value of every query parameter that may carry
+  a key (``auth``, ``token``, ``ithings-token``, in any case) with
+  ``REDACTED``, in the request URL and in the ``Referer`` header, and drops a
+  URL's fragment.
 """
 
 from __future__ import annotations
@@ -13,14 +46,18 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
 from klein import Klein
-from twisted.web import server
+from twisted.internet import protocol
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from iotd import errors, metrics
 from iotd.context import Context
+from iotd.logs import Logger
 from iotd.web.request import header, respond
 
-_REDACT = {b"auth", b"token", b"ithings-token"}
+_REDACT = frozenset({"auth", "token", "ithings-token"})  # compared lower-cased
+LINGER = 2.0  # seconds a 413's connection reads and drops the rest of the body before closing
+_LOG_EVERY = 60.0  # seconds between two log lines about connections cut for one reason
 
 
 class LimitedRequest(server.Request):
@@ -51,19 +88,46 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
     def _reject(self):
-        body = json.dumps(errors.TooLarge(f"body over {self.max_body} bytes").to_json()).encode()
-        transport = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-type: application/json\r\n"
-            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        metrics.http_requests.labels("413").inc()
-        transport.loseConnection()
+        channel = self.channel
+        length = write_error(channel.transport, b"413 Request Entity Too Large",
+                             errors.TooLarge(f"body over {self.max_body} bytes"))
+        self._log_answer(413, length)
+        close_after = getattr(channel, "close_after", None)
+        if close_after is not None:
+            close_after(LINGER)
+        else:
+            channel.transport.loseConnection()
+
+    def _log_answer(self, code: int, length: int) -> None:
+        """Count and access-log an answer written before the request reached the site root."""
+        channel = self.channel
+        # The request line is known to the channel before the request itself sees it.
+        self.method = getattr(channel, "_command", self.method)
+        self.uri = getattr(channel, "_path", self.uri)
+        self.clientproto = getattr(channel, "_version", self.clientproto)
+        self.code, self.sentLength = code, length
+        site = getattr(channel, "site", None)
+        if site is not None:
+            site.log(self)
+        else:
+            metrics.http_requests.labels(str(code)).inc()
 
     def requestReceived(self, command, path, version):
         if self._too_large:
             return
         super().requestReceived(command, path, version)
+
+
+def write_error(transport: Any, status: bytes, err: errors.ApiError) -> int:
+    """Write ``err`` as a whole JSON answer (``connection: close``) straight to ``transport``.
+
+    For answers given outside a request's normal life (413 before the body, 408
+    before the headers); returns the body's length.
+    """
+    body = json.dumps(err.to_json()).encode()
+    transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
+    return len(body)
 
 
 class _Discard:
@@ -84,18 +148,24 @@ class _Discard:
 
 
 def redact_uri(uri: bytes) -> bytes:
-    if b"?" not in uri:
-        return uri
-    path, query = uri.split(b"?", 1)
-    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    clean = [(k, "REDACTED" if k.encode() in _REDACT else v) for k, v in pairs]
-    return path + b"?" + urlencode(clean).encode("latin-1")
+    """``uri`` with every key-carrying query value (``auth``, ``token``, ``ithings-token``, any case) redacted.
+
+    A fragment (never sent by a browser, but a client may) is dropped: it is not parsed here.
+    """
+    uri, hashmark, _fragment = uri.partition(b"#")
+    if b"?" in uri:
+        path, query = uri.split(b"?", 1)
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+        clean = [(k, "REDACTED" if k.lower() in _REDACT else v) for k, v in pairs]
+        uri = path + b"?" + urlencode(clean).encode("latin-1")
+    return uri + (b"#" if hashmark else b"")
 
 
 def access_log(timestamp: str, request: Any) -> str:
-    """Combined log format with ``auth``/``token`` query values removed."""
+    """Combined log format with the key-carrying query values of the URL and the Referer redacted."""
     ip = request.getClientAddress()
     host = getattr(ip, "host", "-")
+    referer = request.getHeader(b"referer")
     line = '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
         host,
         timestamp,
@@ -104,7 +174,7 @@ def access_log(timestamp: str, request: Any) -> str:
         request.clientproto.decode("latin-1", "replace"),
         request.code,
         request.sentLength or "-",
-        (request.getHeader(b"referer") or b"-").decode("latin-1", "replace"),
+        redact_uri(referer).decode("latin-1", "replace") if referer else "-",
         (request.getHeader(b"user-agent") or b"-").decode("latin-1", "replace"),
     )
     return line.replace("\n", " ")
@@ -137,7 +207,10 @@ class Root(Resource):
     def render(self, request):
         if not self._ready():
             return respond(request, 503, errors.Unavailable("iotd is starting").to_json())
-        origin = header(request, "origin")
+        try:
+            origin = header(request, "origin")
+        except errors.ApiError as e:  # raised outside Klein: answer it here, as JSON
+            return respond(request, e.status, e.to_json())
         if origin and origin in self._cors:
             request.setHeader(b"access-control-allow-origin", origin.encode())
             request.setHeader(b"vary", b"Origin")
@@ -153,7 +226,36 @@ class Root(Resource):
         problem = undecodable_url(request)
         if problem is not None:  # Klein would answer this with a text/html 400
             return respond(request, 400, errors.BadRequest(problem, code="invalid_url").to_json())
-        return self._app.render(request)
+        keys = getattr(self, "_keys", None)
+        if keys is None:
+            return self._app.render(request)
+        from iotd.web.request import key_of
+
+        try:
+            secret = key_of(request)
+        except errors.ApiError:
+            secret = None  # the handler answers the undecodable parameter
+        if not keys.unknown(secret):
+            return self._app.render(request)
+        # A well-formed key the ring does not know (created by the CLI or another node):
+        # look it up in the store first, so the handler's check sees it.
+        finished: list = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def render_app(_key):
+            if not finished:
+                request.render(self._app)  # bytes or NOT_DONE_YET; a websocket upgrade too
+
+        def unavailable(failure):
+            if finished:
+                return
+            err = failure.value if isinstance(failure.value, errors.ApiError) else \
+                errors.Unavailable("the store is unavailable")
+            request.write(respond(request, err.status, err.to_json()))
+            request.finish()
+
+        keys.lookup(secret).addCallbacks(render_app, unavailable)
+        return server.NOT_DONE_YET
 
 
 def undecodable_url(request: Any) -> str | None:
@@ -169,12 +271,161 @@ def undecodable_url(request: Any) -> str | None:
     return None
 
 
-class Site(server.Site):
-    """Counts every answered request by status; skips the access log for ``request.quiet``.
+class _Cuts:
+    """Connections a site cut for one reason: counted each, logged at most once a minute."""
 
-    A hot path (an idle push poll) sets ``request.quiet = True`` so thousands
-    of identical lines a second do not cost the reactor; it is still counted.
+    log = Logger()
+
+    def __init__(self, clock: Any, reason: str, message: str):
+        self._clock = clock
+        self.reason = reason
+        self._message = message
+        self._since = 0
+        self._next_line = 0.0
+
+    def note(self, host: str) -> None:
+        metrics.http_connections_closed.labels(self.reason).inc()
+        self._since += 1
+        now = self._clock.seconds()
+        if now >= self._next_line:
+            self.log.warn(self._message + " ({count} such since the last line)", host=host, count=self._since)
+            self._since = 0
+            self._next_line = now + _LOG_EVERY
+
+
+class Channel(http.HTTPChannel):
+    """An ``HTTPChannel`` with an absolute deadline for each request's headers.
+
+    Twisted's own ``timeOut`` is an idle timeout that every byte resets; this
+    deadline is not.  It runs from the connection's opening, or on a
+    keep-alive connection from the first byte of the next request, until the
+    blank line that ends the headers.
     """
+
+    header_timeout: float | None = None
+    client_host: str | None = None
+    _awaiting_headers = True
+    _header_deadline = None
+    _closing = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.opened(self)
+        self._arm_header_deadline()
+
+    def dataReceived(self, data):
+        if self._awaiting_headers and self._header_deadline is None:
+            self._arm_header_deadline()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self):
+        self._awaiting_headers = False
+        self._cancel_header_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request):
+        self._awaiting_headers = True  # the next request's deadline starts with its first byte
+        super().requestDone(request)
+
+    def connectionLost(self, reason):
+        self.site.closed(self)
+        self._awaiting_headers = False
+        self._cancel_header_deadline()
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
+        super().connectionLost(reason)
+
+    def close_after(self, seconds: float) -> None:
+        """Close the connection in ``seconds`` (whatever the client still sends is dropped)."""
+        if self._closing is None:
+            self._closing = self.callLater(seconds, self._close_now)
+
+    def _close_now(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _arm_header_deadline(self) -> None:
+        if self.header_timeout and self.transport is not None:
+            self._header_deadline = self.callLater(self.header_timeout, self._headers_overdue)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            if self._header_deadline.active():
+                self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_overdue(self) -> None:
+        self._header_deadline = None
+        self._awaiting_headers = False
+        host = getattr(self.transport.getPeer(), "host", "-")
+        self.site.slow_headers.note(host)
+        write_error(self.transport, b"408 Request Timeout",
+                    errors.ApiError(f"request headers not complete within {self.header_timeout:g} s",
+                                    code="header_timeout", status=408))
+        metrics.http_requests.labels("408").inc()
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        self.loseConnection()
+        # A client that does not read keeps the 408 in our buffer: abort as Twisted's timeout does.
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+
+class _Refused(protocol.Protocol):
+    """A connection over the per-address limit: aborted as soon as it is made."""
+
+    def connectionMade(self):
+        self.transport.abortConnection()
+
+
+class Site(server.Site):
+    """Per-address connection limit, header deadline, and an access log for every answer.
+
+    Counts every answered request by status; skips the access log for
+    ``request.quiet``: a hot path (an idle push poll) sets it so thousands of
+    identical lines a second do not cost the reactor; it is still counted.
+    """
+
+    protocol = Channel
+
+    def __init__(self, resource: Resource, *args: Any, max_per_address: int = 0,
+                 header_timeout: float | None = None, **kwargs: Any):
+        super().__init__(resource, *args, **kwargs)
+        self.max_per_address = max_per_address
+        self.header_timeout = header_timeout
+        self._open: dict[str, set[Channel]] = {}
+        self.too_many = _Cuts(self.reactor, "per_address",
+                              "closed a new connection from {host}: over max_connections_per_address")
+        self.slow_headers = _Cuts(self.reactor, "header_timeout",
+                                  "closed a connection from {host}: headers not complete within header_timeout")
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", None)
+        if self.max_per_address and host is not None and self._at_limit(host):
+            self.too_many.note(host)
+            return _Refused()
+        channel = super().buildProtocol(addr)
+        channel.header_timeout = self.header_timeout
+        channel.client_host = host
+        return channel
+
+    def _at_limit(self, host: str) -> bool:
+        channels = self._open.get(host)
+        if not channels or len(channels) < self.max_per_address:
+            return False
+        # A connection upgraded to a websocket has left HTTP (autobahn took its transport);
+        # the [websocket] limits count it from then on.
+        channels.difference_update([c for c in channels if c.transport is None])
+        return len(channels) >= self.max_per_address
+
+    def opened(self, channel: Channel) -> None:
+        if channel.client_host is not None:
+            self._open.setdefault(channel.client_host, set()).add(channel)
+
+    def closed(self, channel: Channel) -> None:
+        channels = self._open.get(channel.client_host)
+        if channels is not None:
+            channels.discard(channel)
+            if not channels:
+                del self._open[channel.client_host]
 
     def log(self, request):
         metrics.http_requests.labels(str(request.code)).inc()
@@ -183,9 +434,12 @@ class Site(server.Site):
 
 
 def make_site(ctx: Context, app: Klein, ready: Callable[[], bool] = lambda: True) -> server.Site:
-    request_class = type("Request", (LimitedRequest,), {"max_body": ctx.config.http.max_body_bytes})
-    site = Site(Root(app.resource(), ctx.config.http.cors_origins, ready,
-                     app.__dict__.get("iotd_fast_paths")),
-                       requestFactory=request_class, logFormatter=access_log)
+    """The site for one set of listeners, with every ``[http]`` limit."""
+    cfg = ctx.config.http
+    request_class = type("Request", (LimitedRequest,), {"max_body": cfg.max_body_bytes})
+    root = Root(app.resource(), cfg.cors_origins, ready, app.__dict__.get("iotd_fast_paths"))
+    root._keys = ctx.keys  # Root.render looks a key the ring does not know up in the store first
+    site = Site(root, requestFactory=request_class, logFormatter=access_log, reactor=ctx.reactor,
+                max_per_address=cfg.max_connections_per_address, header_timeout=cfg.header_timeout)
     site.displayTracebacks = False
     return site

@@ -74,11 +74,14 @@ async def test_key_revoked_by_cli_closes_its_sockets_with_4401_within_a_second(t
         out = await in_thread(subprocess.run, [sys.executable, "-m", "iotd.admin", "-c", d.ini, "key", "revoke", body["id"]],
                               cwd=d.workdir, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        revoked_at = time.monotonic()
-        assert (await element.closed(timeout=3))[0] == 4401
-        assert (await subscribe.closed(timeout=3))[0] == 4401
-        assert time.monotonic() - revoked_at < 1.5
+        revoked_at = time.monotonic()  # the revocation committed before the CLI exited
+        closes = await defer.gatherResults([defer.ensureDeferred(element.closed(timeout=3)),
+                                            defer.ensureDeferred(subscribe.closed(timeout=3))])
+        assert [code for code, _ in closes] == [4401, 4401]
+        assert time.monotonic() - revoked_at <= 1.0
         assert revoked_at - started < 10
+        status, _ = await in_thread(d.request, "GET", "/api/v1/devices", key=body["key"])
+        assert status == 401
     finally:
         assert d.stop() == 0
 
