@@ -130,7 +130,8 @@ class Iotd:
         self.ws_port = self.http_port = self.port
         with open(os.path.join(self.dir, "iotd.ini"), "w") as f:
             f.write(f"[iotd]\ndata_dir = data\nlog_level = warn\n"
-                    f"[http]\nlisten = tcp:{self.port}:interface=127.0.0.1\n")
+                    f"[http]\nlisten = tcp:{self.port}:interface=127.0.0.1\n"
+                    f"max_connections_per_address = 0\n")  # every bench client is 127.0.0.1
         self.proc: subprocess.Popen | None = None
         self.key = ""
 

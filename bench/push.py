@@ -372,6 +372,7 @@ class Iotd:
         with open(ini, "w") as f:
             f.write(f"[iotd]\ndata_dir = data\nlog_level = warn\n"
                     f"[http]\nlisten = tcp:{self.port}:interface={HOST}:backlog=4096\n"
+                    f"max_connections_per_address = 0\n"  # 10,000 keep-alive devices from one address
                     f"[push]\ncommand_timeout = 600\noffline_after = 600\n"
                     f"auto_register_per_minute = 1000000\n"  # the bench registers 10,000 devices by polling
                     f"[devicelink]\nenabled = false\n")

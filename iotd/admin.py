@@ -17,7 +17,7 @@ from iotd import config as configmod
 from iotd.auth import ACTIONS, RESOURCES, key_row
 from iotd.store import keys as keysql
 from iotd.store import open_sync
-from iotd.store.db import run_in_transaction
+from iotd.store.db import make_private, run_in_transaction
 from iotd.timefmt import iso
 
 
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     conn = open_sync(cfg.database_path)
     try:
         if args.command == "backup":
+            make_private(args.path)  # a copy of the keys' digests and every event: owner only
             target = sqlite3.connect(args.path)
             with target:
                 conn.backup(target)

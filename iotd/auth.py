@@ -42,6 +42,7 @@ from twisted.internet.task import LoopingCall
 
 from iotd import errors, metrics
 from iotd.logs import Logger
+from iotd.store import StoreUnavailable
 from iotd.store import keys as keysql
 
 RESOURCES = ("devices", "commands", "deviceLink", "packets", "readings", "apiKeys")
@@ -221,6 +222,7 @@ class KeyRing:
         self._seen = -1  # the newest revision written or read: older snapshots are stale
         self._last_used: dict[str, int] = {}
         self._pending_touch: dict[str, int] = {}
+        self._touch_refused = False
         self._listeners: list[Callable[[str], None]] = []
         self._revoked_hashes: dict[str, None] = {}  # insertion-ordered, bounded
         self._waiting: dict[str, list[defer.Deferred]] = {}
@@ -316,8 +318,16 @@ class KeyRing:
             if rows is not None:
                 self._apply(revision, rows)
             if self._pending_touch:
-                used, self._pending_touch = list(self._pending_touch.items()), {}
-                await self._store.write(keysql.touch, used)
+                used, self._pending_touch = self._pending_touch, {}
+                try:
+                    await self._store.write(keysql.touch, list(used.items()))
+                except StoreUnavailable:  # disk full, file gone: try again at the next poll
+                    self._pending_touch = {**used, **self._pending_touch}
+                    if not self._touch_refused:
+                        self._touch_refused = True
+                        self.log.warn("lastUsedAt not written: the store refuses writes")
+                else:
+                    self._touch_refused = False
         except Exception:
             self.log.failure("key poll failed")
 

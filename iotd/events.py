@@ -234,9 +234,12 @@ class EventLog:
         self.store = store
         self.bus = bus if bus is not None else Bus()
 
-    async def append(self, items: list[tuple[str, str, str, dict[str, Any]]]) -> list[Event]:
-        """Commit ``(tenant, kind, device, data)`` items as one transaction, publish, return."""
-        d = self.store.write(evsql.insert, items)
+    async def append(self, items: list[tuple[str, str, str, dict[str, Any]]], size: int = 0) -> list[Event]:
+        """Commit ``(tenant, kind, device, data)`` items as one transaction, publish, return.
+
+        ``size``: about how many bytes the items hold (the request body), for the
+        store's bound on queued writes."""
+        d = self.store.write(evsql.insert, items, size=size)
         d.addCallback(self.committed)
         return await d
 

@@ -31,6 +31,7 @@ from twisted.internet.task import LoopingCall
 
 from iotd import errors
 from iotd.logs import Logger
+from iotd.store import StoreUnavailable
 from iotd.store import devices as devsql
 from iotd.timefmt import iso
 
@@ -475,7 +476,10 @@ class Registry:
                 rows.append((device.tenant, device.identifier, device.doc()))
         self._dirty = set()
         if rows:
-            await self._store.write(devsql.update_docs, rows)
+            try:
+                await self._store.write(devsql.update_docs, rows)
+            except StoreUnavailable:  # disk full, file gone: keep them for the next flush
+                self._dirty.update((tenant, ident) for tenant, ident, _ in rows)
 
     # -- streams ------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from klein import Klein
 from iotd import errors
 from iotd.timefmt import iso, micros_of, parse_iso
 from iotd.context import Context
-from iotd.web.request import read_json, require, respond, visible_device
+from iotd.web.request import body_size, read_json, require, respond, visible_device
 
 MAX_BATCH = 1000
 MAX_DATA_KEYS = 1000
@@ -165,7 +165,7 @@ def routes(app: Klein, ctx: Context) -> None:
                 raise
             rows.append((device.tenant, kind, device.identifier, data))
         try:
-            events = await ctx.events.append(rows)
+            events = await ctx.events.append(rows, size=body_size(request))
         except errors.ItemInvalid as e:
             raise errors.Invalid(f"item {e.index}: {e.message}" if many else e.message) from None
         bodies = [e.body() for e in events]

@@ -79,6 +79,14 @@ def visible_device(ctx: Context, key: ApiKey, identifier: str) -> Any:
     return device
 
 
+def body_size(request: Any) -> int:
+    """How many body bytes the request carried (what its parsed body holds, about)."""
+    try:
+        return int(request.content.tell()) if request.content is not None else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def read_json(request: Any, required: bool = True) -> Any:
     ctype = header(request, "content-type")
     if ctype and ctype.split(";", 1)[0].strip().lower() not in ("application/json", "text/json", ""):

@@ -81,7 +81,7 @@ def element_routes(app: Klein, ctx: Context, factory: Any) -> None:
         after_id = None
         if after is not None:
             after_id = await ctx.events.id_at(parse_after(after))
-            if ctx.keys.get(key.id) is None:  # revoked while we looked
+            if ctx.keys.authenticate(key_of(request)) is None:  # revoked or expired while we looked
                 raise errors.Unauthorized("a valid API key is required")
 
         def setup(sock: Any) -> None:
