@@ -23,10 +23,12 @@ needs ``subscribe`` and ``publish``.
 
 from __future__ import annotations
 
+import heapq
 import json
 from typing import Any, Callable, Iterable
 
 import attrs
+from twisted.internet import defer
 
 from iotd import metrics
 from iotd.logs import Logger
@@ -127,6 +129,21 @@ class Bus:
 
     def __init__(self) -> None:
         self._by_tenant: dict[str | None, list[Subscription]] = {}
+        # The highest event id published so far.  Events are published in id order, so every
+        # event up to it has been delivered.  A reader thread can see a commit before the
+        # reactor has published it; a replay uses this to wait for the bus to catch up.
+        self.published_id = 0
+        self._waiting: list[tuple[int, int, defer.Deferred]] = []  # heap of (id, seq, waiter)
+        self._seq = 0
+
+    def published(self, event_id: int) -> defer.Deferred:
+        """Fires once every event up to ``event_id`` has been published."""
+        if event_id <= self.published_id:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._seq += 1
+        heapq.heappush(self._waiting, (event_id, self._seq, d))
+        return d
 
     def subscribe(self, deliver: Listener, tenant: str | None = None,
                   kinds: Iterable[str] | None = None) -> Subscription:
@@ -149,6 +166,11 @@ class Bus:
                             sub.deliver(event)
                         except Exception:
                             self.log.failure("event subscriber failed on event {id}", id=event.id)
+        if events and events[-1].id > self.published_id:
+            self.published_id = events[-1].id
+            waiting = self._waiting
+            while waiting and waiting[0][0] <= self.published_id:
+                heapq.heappop(waiting)[2].callback(None)
 
 
 class Follower:
@@ -200,6 +222,11 @@ class Follower:
                 self.last_id = events[-1].id
                 self._trim()
                 return events
+            if self._log.bus.published_id < self.last_id:
+                # The store showed events the bus has not published yet (the reader saw the
+                # commit first): going live now would deliver them twice.  Wait for the bus.
+                await self._log.bus.published(self.last_id)
+                continue
             if self.drops == drops or self._buffer is None:
                 return events
             # the buffer was dropped while we read: what it held may be newer than the read
@@ -256,6 +283,11 @@ class EventLog:
         rows = await self.store.read(evsql.read, tenant, list(kinds), after_id, limit,
                                      list(devices) if devices is not None else None)
         return [Event.from_row(r) for r in rows]
+
+    async def start(self) -> None:
+        """Know the highest stored id: everything stored before this start counts as published."""
+        last = await self.store.read(evsql.last_id)
+        self.bus.published_id = max(self.bus.published_id, last)
 
     async def id_at(self, micros: int) -> int:
         """The id to resume after for "events strictly later than ``micros``"."""

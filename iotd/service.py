@@ -57,6 +57,7 @@ class CoreService(service.Service):
 
     async def _start(self) -> None:
         await self.store.start()
+        await self.events.start()
         await self.keys.start()
         await self.registry.start()
         if len(self.keys) == 0:

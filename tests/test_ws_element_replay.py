@@ -120,6 +120,33 @@ async def test_a_slow_reader_slows_its_replay_and_is_not_cut(daemon):
 
 
 @pytest_twisted.ensureDeferred
+async def test_events_a_replay_read_before_the_bus_published_them_arrive_once(daemon):
+    """A reader thread can see a commit before the reactor publishes it.  The socket must not go
+    live (and get those events a second time from the bus) before the bus has caught up."""
+    from iotd.store import events as evsql
+
+    await daemon.put_device("gate-01")
+    start = await packets(daemon, "gate-01", 1)
+    data = {"interface_id": None, "transceived_at": start[0]["transceived_at"], "payload_encoding": "json",
+            "payload": {"late": True}, "packet_type": "up", "meta": {}}
+    # committed, not yet published: what a replay's read sees when it beats the publication
+    rows = [await daemon.ctx.store.write(evsql.insert, [("default", "packet", "GATE-01", dict(data))])
+            for _ in range(3)]
+    client = await Client.open(socket_url(daemon, after=start[0]["inserted_at"]))
+    try:
+        replayed = await client.events(3)
+        assert [e["body"]["id"] for e in replayed] == [r[0][0] for r in rows]
+        for r in rows:  # the publication arrives late
+            daemon.ctx.events.committed(r)
+        later = await packets(daemon, "gate-01", 1)
+        live = await client.events(1)
+        assert [e["body"]["id"] for e in live] == [later[0]["id"]]  # not the three again
+        await client.silent(0.3)
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_no_gap_and_no_duplicate_while_ingest_runs_during_the_replay(daemon):
     await daemon.put_device("gate-01")
     await daemon.put_device("gate-02")
