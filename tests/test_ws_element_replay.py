@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from iotd.timefmt import parse_iso
-from ws_helpers import Client, RawClient, in_thread, sleep, ws_url
+from ws_helpers import Client, RawClient, eventually, in_thread, sleep, ws_url
 
 
 async def packets(daemon, device: str, count: int, **extra) -> list[dict]:
@@ -41,6 +41,8 @@ async def test_replay_sends_strictly_later_events_earliest_first_then_live(daemo
         replay = await client.recv_json()
         assert [e["body"] for e in replay] == stored[2:]  # one batch, strictly after, in order
         assert all(e["event"] == "packet_added" for e in replay)
+        # the replay has handed over to live (events ingested before that are part of the replay)
+        await eventually(lambda: all(s._live for s in daemon.ctx.jobs["element"].sockets))
         live = await packets(daemon, "gate-01", 2)
         assert await client.frames(2) == [[{"event": "packet_added", "body": b}] for b in live]
     finally:
