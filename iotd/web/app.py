@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from iotd import errors
 from iotd.context import Context
 from iotd.logs import Logger
-from iotd.web.request import respond
+from iotd.request import respond
 
 
 def make_app(ctx: Context, areas: list[Callable[[Klein, Context], None]]) -> Klein:

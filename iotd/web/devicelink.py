@@ -30,7 +30,7 @@ from twisted.application import service
 from iotd import errors
 from iotd.relay.links import AddressNotAllowed, LinkManager, NoFreePort, TenantLinkLimit
 from iotd.context import Context
-from iotd.web.request import read_json, require, respond, visible_device
+from iotd.request import read_json, require, respond, visible_device
 
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
 

@@ -18,7 +18,7 @@ from iotd import errors
 from iotd.auth import ApiKey
 from iotd.registry import validate_device_body
 from iotd.context import Context
-from iotd.web.request import MAX_LIMIT, arg, query_int, read_json, require, respond, visible_device
+from iotd.request import MAX_LIMIT, arg, query_int, read_json, require, respond, visible_device
 
 
 def device_page(ctx: Context, key: ApiKey, tag: str | None, limit: int,

@@ -24,7 +24,7 @@ from klein import Klein
 from iotd import errors
 from iotd.timefmt import iso, micros_of, parse_iso
 from iotd.context import Context
-from iotd.web.request import body_size, read_json, require, respond, visible_device
+from iotd.request import body_size, read_json, require, respond, visible_device
 
 MAX_BATCH = 1000
 MAX_DATA_KEYS = 1000

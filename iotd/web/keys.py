@@ -18,7 +18,7 @@ from iotd import errors
 from iotd.auth import ApiKey, validate_key_request
 from iotd.context import Context
 from iotd.timefmt import iso, parse_iso
-from iotd.web.request import page, read_json, require, respond
+from iotd.request import page, read_json, require, respond
 
 
 def _expiry(body: dict[str, Any]) -> int | None:

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from iotd import __version__
 from iotd.context import Context
-from iotd.web.request import respond
+from iotd.request import respond
 
 
 def _ping(conn):

@@ -58,7 +58,7 @@ from iotd.store import StoreUnavailable
 from iotd.store import commands as cmdsql
 from iotd.context import Context
 from iotd.web.app import make_app
-from iotd.web.request import arg, query_int, read_json, require, respond, visible_device
+from iotd.request import arg, query_int, read_json, require, respond, visible_device
 from iotd.web.site import add_fast_path, make_site
 
 log = Logger()

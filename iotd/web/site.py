@@ -53,7 +53,7 @@ from twisted.web.resource import Resource
 from iotd import errors, metrics
 from iotd.context import Context
 from iotd.logs import Logger
-from iotd.web.request import header, respond
+from iotd.request import header, respond
 
 _REDACT = frozenset({"auth", "token", "ithings-token"})  # compared lower-cased
 LINGER = 2.0  # seconds a 413's connection reads and drops the rest of the body before closing
@@ -229,7 +229,7 @@ class Root(Resource):
         keys = getattr(self, "_keys", None)
         if keys is None:
             return self._app.render(request)
-        from iotd.web.request import key_of
+        from iotd.request import key_of
 
         try:
             secret = key_of(request)

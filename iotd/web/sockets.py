@@ -22,7 +22,7 @@ from klein import Klein
 
 from iotd import errors, metrics
 from iotd.context import Context
-from iotd.web.request import arg, authenticate, header, key_of, respond
+from iotd.request import arg, authenticate, header, key_of, respond
 
 
 def check_headers(request: Any) -> None:

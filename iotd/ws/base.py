@@ -45,7 +45,7 @@ from twisted.internet import defer
 from iotd import errors, metrics
 from iotd.logs import Logger
 from iotd.context import Context
-from iotd.web.request import header
+from iotd.request import header
 
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
 STATE_CLOSED = WebSocketProtocol.STATE_CLOSED

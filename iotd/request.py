@@ -1,4 +1,4 @@
-"""What every REST handler shares: reading a request, checking its key, answering it.
+"""Request helpers shared by the web layer and the websocket jobs (a neutral module: it imports no job).
 
 Query values, headers, JSON bodies and keys are read here, once, with every
 check a hostile client needs: undecodable query or header bytes are 400 JSON,
