@@ -7,12 +7,17 @@
   and half-close.
 - ``udp``: one link's UDP sockets -- the client-facing port and a connected
   socket to the device, keeping datagram boundaries.
-- ``links``: ``LinkManager`` (port allocation, limits, timers, metrics, logs)
-  and the ``Link`` record the REST layer shows.
+- ``tcp_sides``: the TCP link's protocols (client side, device side, the
+  listening factory) and the eager writes.
+- ``link``: the ``Link`` -- what the REST layer shows, its counters (the
+  relays report to it), its timers, its close and ``on_closed`` callbacks.
+- ``links``: ``LinkManager`` (port allocation, limits, metrics flush, logs).
+- ``service``: the manager's service (built from ``[devicelink]``).
 - ``addresses``: which device addresses a link may reach
   (``allowed_device_networks``), and resolving a host name at connect time.
 
 The hot path of both relays is ``dataReceived``/``datagramReceived`` ->
-(cipher ``update``) -> peer ``write`` plus plain integer counters; Prometheus
+(cipher ``update``) -> peer ``write`` plus plain integer counters on the
+``Link``; Prometheus
 counters are fed from those integers periodically and at close.
 """

@@ -20,16 +20,14 @@ Choices made:
   tenant's; both are counted in O(1).
 - Time comes only from the injected clock (``clock``, by default the
   reactor): ``created_at``, ``last_activity``, the idle timeout, the
-  ``unused_ttl`` timer, the TCP connect timeout and the metrics flush.
-- The idle timer is lazy: the relays stamp ``Link.last_activity`` on every
-  chunk or datagram and nothing else; one ``callLater`` per link wakes up when
-  the link could have gone idle, and re-arms itself for the remainder if
-  there was activity since.  It is armed at first use (a TCP client
-  connecting, a UDP datagram relayed either way); before that ``unused_ttl``
-  applies.  ``timeout_ms == 0`` means never; ``unused_ttl <= 0`` too.
-- Metrics: ``links_open``/``links_total`` at open/close; byte and datagram
-  counts live in plain ints on the ``Link`` and are added to the Prometheus
-  counters every ``flush_interval`` seconds and at close.
+  ``unused_ttl`` timer, the TCP connect timeout and the metrics flush.  The
+  timers and counters themselves are the :class:`~iotd.relay.link.Link`'s.
+- The manager learns of a close through :meth:`Link.on_closed
+  <iotd.relay.link.Link.on_closed>` (it frees the port, the tenant's slot and
+  flushes the link's metrics).
+- Metrics: ``links_open``/``links_total`` at open/close; the links' byte and
+  datagram counts are flushed to Prometheus every ``flush_interval`` seconds
+  and at close.
 - Every open and close is logged with device, token prefix (6 characters,
   never the whole token), protocol, port and reason.
 """
@@ -39,10 +37,8 @@ from __future__ import annotations
 import ipaddress
 import random
 import secrets
-from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import Any
 
-import attrs
 from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -50,11 +46,11 @@ from twisted.logger import Logger
 from iotd import metrics
 from iotd.relay.addresses import DevicePolicy, Network, literal
 from iotd.relay.ctr import IV_SIZE, KEY_SIZE
+from iotd.relay.link import PROTOCOLS, Link
 from iotd.relay.tcp import TCPRelay
 from iotd.relay.udp import UDPRelay
 
-PROTOCOLS = ("tcp", "udp")
-_TIMER_SLACK = 1e-6  # tolerate float rounding when the idle timer fires
+__all__ = ["AddressNotAllowed", "Link", "LinkManager", "NoFreePort", "TenantLinkLimit", "TooManyLinks"]
 RANDOM_TRIES = 16  # random port picks before the free ports are listed
 _random = random.SystemRandom()
 
@@ -73,199 +69,6 @@ class TenantLinkLimit(TooManyLinks):
 
 class AddressNotAllowed(Exception):
     """The device address is outside the policy (``allowed_device_networks``)."""
-
-
-@attrs.define(eq=False)
-class Link:
-    """One device link: what the REST layer shows, plus ``close``.
-
-    ``bytes_up``/``datagrams_up`` count client -> device, ``*_down`` device ->
-    client.  ``refused`` counts UDP datagrams from other senders than the
-    link's client; ``dropped`` UDP datagrams that could not be delivered.
-    """
-
-    _log: ClassVar[Logger] = Logger()
-
-    token: str = attrs.field(repr=lambda t: t[:6] + "...")  # logs show a prefix only
-    tenant: str
-    device: str
-    protocol: str
-    device_host: str
-    device_port: int
-    timeout_ms: int
-    source: tuple[str, int] | None
-    encrypted: bool
-    created_at: float
-    last_activity: float
-    port: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    datagrams_up: int = 0
-    datagrams_down: int = 0
-    refused: int = 0
-    dropped: int = 0
-    used: bool = False
-    closed: bool = False
-    close_reason: str | None = None
-    _manager: LinkManager | None = attrs.field(default=None, init=False, repr=False)
-    _relay: Any = attrs.field(default=None, init=False, repr=False)
-    _clock: Any = attrs.field(default=None, init=False, repr=False)
-    _idle_call: Any = attrs.field(default=None, init=False, repr=False)
-    _unused_call: Any = attrs.field(default=None, init=False, repr=False)
-    _flushed: list[int] = attrs.field(factory=lambda: [0] * 6, init=False, repr=False)
-    _shutdown: defer.Deferred[None] | None = attrs.field(default=None, init=False, repr=False)
-    _waiters: list[defer.Deferred[None]] = attrs.field(factory=list, init=False, repr=False)
-
-    # -- called by the relays ----------------------------------------------
-
-    def mark_used(self) -> None:
-        """A client connected, or the first datagram was relayed."""
-        if self.used or self.closed:
-            return
-        self.used = True
-        self.last_activity = self._clock.seconds()
-        if self._unused_call is not None and self._unused_call.active():
-            self._unused_call.cancel()
-        self._unused_call = None
-        if self.timeout_ms > 0:
-            self._idle_call = self._clock.callLater(self.timeout_ms / 1000.0, self._idle_check)
-
-    def close(self, reason: str = "closed", *, abort: bool = True) -> None:
-        """Close both sockets at once and free the port.  Idempotent.
-
-        ``abort=False`` is the TCP relay's orderly end: connections are closed
-        without a reset once their queues are flushed.
-        """
-        if self.closed:
-            return
-        self.closed = True
-        self.close_reason = reason
-        for call in (self._idle_call, self._unused_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._idle_call = self._unused_call = None
-        shutdown = self._relay.shutdown(abort) if self._relay is not None else defer.succeed(None)
-        shutdown.addErrback(self._shutdown_failed)
-        self._shutdown = shutdown
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            _fire_after(shutdown, d)
-        if self._manager is not None:
-            self._manager._link_closed(self, reason)
-
-    def _shutdown_failed(self, failure: Any) -> None:
-        Link._log.failure(
-            "link {token}: error while closing its sockets", failure, token=self.token[:6]
-        )
-
-    # -- queries ---------------------------------------------------------------
-
-    def when_closed(self) -> defer.Deferred[None]:
-        """A Deferred that fires once the link has closed and its sockets (listening one
-        included) are closed; the port can be bound again then."""
-        d: defer.Deferred[None] = defer.Deferred()
-        if self._shutdown is None:
-            self._waiters.append(d)
-        else:
-            _fire_after(self._shutdown, d)
-        return d
-
-    def buffered(self) -> int:
-        """Bytes the relay holds in userspace write buffers (0 for UDP)."""
-        return int(self._relay.buffered()) if self._relay is not None else 0
-
-    def to_json(self) -> dict[str, Any]:
-        """What ``GET /api/v1/devicelink`` shows: counters and times, no key material."""
-        out: dict[str, Any] = {
-            "token": self.token,
-            "device": self.device,
-            "protocol": self.protocol,
-            "port": self.port,
-            "devicePort": self.device_port,
-            "timeout": self.timeout_ms,
-            "source": (
-                {"host": self.source[0], "port": self.source[1]} if self.source is not None else None
-            ),
-            "encrypted": self.encrypted,
-            "createdAt": _iso(self.created_at),
-            "lastActivity": _iso(self.last_activity),
-            "bytesUp": self.bytes_up,
-            "bytesDown": self.bytes_down,
-        }
-        if self.protocol == "udp":
-            out.update(
-                datagramsUp=self.datagrams_up,
-                datagramsDown=self.datagrams_down,
-                datagramsRefused=self.refused,
-                datagramsDropped=self.dropped,
-            )
-        return out
-
-    # -- timers and metrics ----------------------------------------------------
-
-    def _idle_check(self) -> None:
-        self._idle_call = None
-        if self.closed:
-            return
-        timeout = self.timeout_ms / 1000.0
-        idle = self._clock.seconds() - self.last_activity
-        if idle >= timeout - _TIMER_SLACK:
-            self.close("idle_timeout")
-        else:
-            self._idle_call = self._clock.callLater(timeout - idle, self._idle_check)
-
-    def _unused_expired(self) -> None:
-        self._unused_call = None
-        if not self.used:
-            self.close("unused")
-
-    def _flush_metrics(self) -> None:
-        now = (
-            self.bytes_up,
-            self.bytes_down,
-            self.datagrams_up,
-            self.datagrams_down,
-            self.refused,
-            self.dropped,
-        )
-        flushed = self._flushed
-        if list(now) == flushed:
-            return
-        up, down, dgu, dgd, refused, dropped = (n - f for n, f in zip(now, flushed))
-        proto = self.protocol
-        if up:
-            _BYTES[proto, "up"].inc(up)
-        if down:
-            _BYTES[proto, "down"].inc(down)
-        if dgu:
-            _DATAGRAMS["up"].inc(dgu)
-        if dgd:
-            _DATAGRAMS["down"].inc(dgd)
-        if refused:
-            metrics.link_failures.labels("refused_source").inc(refused)
-        if dropped:
-            metrics.link_failures.labels("udp_dropped").inc(dropped)
-        self._flushed = list(now)
-
-
-_BYTES = {(p, d): metrics.relayed_bytes.labels(p, d) for p in PROTOCOLS for d in ("up", "down")}
-_DATAGRAMS = {d: metrics.relayed_datagrams.labels(d) for d in ("up", "down")}
-
-
-def _fire_after(source: defer.Deferred[Any], d: defer.Deferred[None]) -> None:
-    """Fire ``d`` (with None) when ``source`` fires, leaving ``source``'s result alone."""
-
-    def fire(result: object) -> object:
-        d.callback(None)
-        return result
-
-    source.addBoth(fire)
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
 
 
 def _normalise_source(source: tuple[str, int] | None) -> tuple[str, int] | None:
@@ -367,7 +170,6 @@ class LinkManager:
             raise TenantLinkLimit(f"this tenant has {held} links open, the most "
                                   f"[devicelink] max_links_per_tenant ({self.max_links_per_tenant}) allows")
 
-        now = self.clock.seconds()
         link = Link(
             token=secrets.token_urlsafe(24),
             tenant=tenant,
@@ -378,28 +180,22 @@ class LinkManager:
             timeout_ms=timeout_ms,
             source=source,
             encrypted=key is not None,
-            created_at=now,
-            last_activity=now,
+            clock=self.clock,
         )
         relay: TCPRelay | UDPRelay
         if protocol == "tcp":
-            relay = TCPRelay(
-                link, self.reactor, self.clock, self.interface, self.connect_timeout, key, iv,
-                self.policy,
-            )
+            relay = TCPRelay(link, self.reactor, self.interface, key, iv,
+                             connect_timeout=self.connect_timeout, policy=self.policy)
         else:
-            relay = UDPRelay(link, self.reactor, self.clock, self.interface, key, iv)
-        link.port = self._bind(relay, protocol)
-        link._relay = relay
-        link._clock = self.clock
-        link._manager = self
+            relay = UDPRelay(link, self.reactor, self.interface, key, iv)
+        link.attach(relay, self._bind(relay, protocol))
         relay.start()
 
         self._links[link.token] = link
         self._per_tenant[tenant] = held + 1
         self._ports[protocol].add(link.port)
-        if self.unused_ttl > 0:
-            link._unused_call = self.clock.callLater(self.unused_ttl, link._unused_expired)
+        link.on_closed(self._link_closed)
+        link.start(self.unused_ttl)
         metrics.links_open.labels(protocol).inc()
         metrics.links_total.labels(protocol).inc()
         self._start_flusher()
@@ -506,7 +302,7 @@ class LinkManager:
         if held > 0:
             self._per_tenant[link.tenant] = held
         self._closing.add(link)
-        link._flush_metrics()
+        link.flush_metrics()
         metrics.links_open.labels(link.protocol).dec()
         self.log.info(
             "link {token} closed: {protocol} port {port}, device {device}, reason {reason} "
@@ -530,7 +326,7 @@ class LinkManager:
 
     def _flush_all(self) -> None:
         for link in self._links.values():
-            link._flush_metrics()
+            link.flush_metrics()
 
     def _start_flusher(self) -> None:
         if self._flusher is None and self.flush_interval > 0:

@@ -29,21 +29,7 @@ Choices made:
   after its pending bytes.  When both directions have been passed on
   (``writeConnectionLost`` on both) the link closes with reason ``done``; a
   reset of either side closes it with ``client_reset``/``device_reset``.
-- **Hot path.**  ``dataReceived`` adds to plain integer counters on the
-  ``Link``, stamps ``last_activity`` and writes to the peer (after the CTR
-  ``update`` when encrypted).  Idle timeouts re-arm lazily from
-  ``last_activity`` (see ``links``); Prometheus is fed from the integers
-  elsewhere.
-- **Eager writes, 128 KiB chunks.**  ``transport.write`` only queues: the
-  bytes leave on the next writable event, which costs a reactor turn, an
-  event dispatch and two ``epoll_ctl`` calls per chunk.  When the peer has
-  nothing queued, the relay hands the chunk to the transport's own
-  non-blocking ``writeSomeData`` at once and queues only what the kernel did
-  not take (``write``), so ordering, producer pausing and error handling stay
-  Twisted's.  Both transports read and queue up to ``BUFFER_SIZE`` (128 KiB,
-  Twisted's ``SEND_LIMIT``) instead of 64 KiB.  Together these took loopback
-  throughput from ~1.1 to ~1.6-1.8 GB/s (bench/relay.py).  Worst-case
-  userspace memory per link: 2 x (queue + one chunk) = 512 KiB.
+- **Hot path and eager writes**: see :mod:`iotd.relay.tcp_sides`.
 - ``shutdown`` (DELETE, timeouts, resets, service stop) aborts both
   connections -- "closes both sockets at once" -- and stops listening; its
   Deferred fires when every socket, the listening one included, is closed.
@@ -58,47 +44,15 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from iotd import metrics
 from iotd.relay.addresses import DevicePolicy, resolve
 from iotd.relay.ctr import Transform, stream_transform
+from iotd.relay.tcp_sides import BUFFER_SIZE, ClientSide, DeviceSide, ListeningFactory, Side, eager_writer
 
 if TYPE_CHECKING:
-    from iotd.relay.links import Link
-
-
-# Read size and queue limit of both transports (Twisted's default is 64 KiB;
-# 128 KiB is its SEND_LIMIT, the most one writeSomeData call sends).
-BUFFER_SIZE = 128 * 1024
-
-
-def _eager_writer(transport: Any) -> Any:
-    """``transport.write`` that first tries to send at once when nothing is queued.
-
-    Relies on ``FileDescriptor.writeSomeData`` and the queue attributes
-    ``dataBuffer``/``_tempDataLen``; on a transport without them it is plain
-    ``write``.
-    """
-    write = transport.write
-    send = getattr(transport, "writeSomeData", None)
-    if send is None or not hasattr(transport, "_tempDataLen") or not hasattr(transport, "dataBuffer"):
-        return write
-
-    def eager_write(data: bytes) -> None:
-        if transport._tempDataLen or transport.dataBuffer:
-            write(data)  # keep the order behind what is queued
-            return
-        sent = send(data)
-        if sent.__class__ is not int:
-            write(data)  # an error: let Twisted's own write path find it and close
-        elif sent < len(data):
-            write(data[sent:])
-
-    return eager_write
+    from iotd.relay.link import Link
 
 
 class State(enum.Enum):
@@ -116,71 +70,6 @@ _TRANSITIONS = {
 }
 
 
-@implementer(IHalfCloseableProtocol)
-class _Side(Protocol):
-    """One end of the relay.  Subclasses differ only in which counter they feed."""
-
-    def __init__(self, relay: TCPRelay, transform: Transform | None) -> None:
-        self.relay = relay
-        self.link = relay.link
-        self._seconds = relay.seconds
-        self._transform = transform
-        self._write: Any = None  # the peer transport's bound write, set when paired
-        self.read_done = False
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def readConnectionLost(self) -> None:
-        self.relay.read_ended(self)
-
-    def writeConnectionLost(self) -> None:
-        self.relay.write_ended(self)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.relay.side_lost(self)
-        self.lost.callback(None)
-
-    def buffered(self) -> int:
-        """Bytes waiting in this side's userspace write buffer."""
-        t = self.transport
-        if t is None:
-            return 0
-        return len(t.dataBuffer) - t.offset + t._tempDataLen  # type: ignore[attr-defined]
-
-
-class _ClientSide(_Side):
-    def connectionMade(self) -> None:
-        self.relay.client_connected(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        link = self.link
-        link.bytes_up += len(data)
-        link.last_activity = self._seconds()
-        t = self._transform
-        self._write(t(data) if t is not None else data)
-
-
-class _DeviceSide(_Side):
-    def connectionMade(self) -> None:
-        self.relay.device_connected(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        link = self.link
-        link.bytes_down += len(data)
-        link.last_activity = self._seconds()
-        t = self._transform
-        self._write(t(data) if t is not None else data)
-
-
-class _ListeningFactory(Factory):
-    noisy = False
-
-    def __init__(self, relay: TCPRelay) -> None:
-        self.relay = relay
-
-    def buildProtocol(self, addr: Any) -> _ClientSide | None:
-        return self.relay.accept(addr)
-
-
 class TCPRelay:
     """The sockets of one TCP link; ``Link`` owns the timers and the bookkeeping."""
 
@@ -190,17 +79,16 @@ class TCPRelay:
         self,
         link: Link,
         reactor: Any,
-        clock: Any,
         interface: str,
-        connect_timeout: float,
         key: bytes | None,
         iv: bytes | None,
+        *,
+        connect_timeout: float,
         policy: DevicePolicy | None = None,
     ) -> None:
         self.link = link
         self.reactor = reactor
-        self.clock = clock
-        self.seconds = clock.seconds
+        self.clock = link.clock
         self.interface = interface
         self.connect_timeout = connect_timeout
         self.policy = policy if policy is not None else DevicePolicy()
@@ -212,8 +100,8 @@ class TCPRelay:
         else:
             self._t_up = self._t_down = None
         self.state = State.LISTENING
-        self.client: _ClientSide | None = None
-        self.device: _DeviceSide | None = None
+        self.client: ClientSide | None = None
+        self.device: DeviceSide | None = None
         self._port: Any = None
         self._dialing: defer.Deferred[Any] | None = None
         self._dial_timer: Any = None
@@ -225,7 +113,7 @@ class TCPRelay:
 
     def listen(self, port: int) -> None:
         """Bind the link's port; raises ``CannotListenError`` if it is taken."""
-        self._port = self.reactor.listenTCP(port, _ListeningFactory(self), interface=self.interface)
+        self._port = self.reactor.listenTCP(port, ListeningFactory(self), interface=self.interface)
 
     def start(self) -> None:
         """Nothing to do until a client connects."""
@@ -270,14 +158,14 @@ class TCPRelay:
             raise RuntimeError(f"TCP relay: {self.state.value} -> {state.value} is not allowed")
         self.state = state
 
-    def accept(self, addr: Any) -> _ClientSide | None:
+    def accept(self, addr: Any) -> ClientSide | None:
         link = self.link
         if link.source is not None and (addr.host, addr.port) != link.source:
             return self._refuse(addr, "refused_source")
         if self.state is not State.LISTENING:
             return self._refuse(addr, "refused_taken")
         self._to(State.CONNECTING)
-        self.client = _ClientSide(self, self._t_up)
+        self.client = ClientSide(self, self._t_up)
         link.mark_used()
         return self.client
 
@@ -294,7 +182,7 @@ class TCPRelay:
         )
         return None
 
-    def client_connected(self, client: _ClientSide) -> None:
+    def client_connected(self, client: ClientSide) -> None:
         transport = client.transport
         transport.pauseProducing()  # type: ignore[union-attr]
         transport.bufferSize = BUFFER_SIZE  # type: ignore[union-attr]
@@ -325,7 +213,7 @@ class TCPRelay:
         address = allowed[0]
         endpoint_type = TCP6ClientEndpoint if isIPv6Address(address) else TCP4ClientEndpoint
         endpoint = endpoint_type(self.reactor, address, link.device_port)
-        self._dialing = connectProtocol(endpoint, _DeviceSide(self, self._t_down))
+        self._dialing = connectProtocol(endpoint, DeviceSide(self, self._t_down))
         self._dialing.addErrback(self._dial_failed)
 
     def _refuse_address(self, addresses: list[str]) -> None:
@@ -373,7 +261,7 @@ class TCPRelay:
         self.link.close(reason)
         return None
 
-    def device_connected(self, device: _DeviceSide) -> None:
+    def device_connected(self, device: DeviceSide) -> None:
         if self.state is not State.CONNECTING:
             device.transport.abortConnection()  # type: ignore[union-attr]
             return
@@ -387,18 +275,18 @@ class TCPRelay:
         ct, dt = client.transport, device.transport
         dt.setTcpNoDelay(True)  # type: ignore[union-attr]
         dt.bufferSize = BUFFER_SIZE  # type: ignore[union-attr]
-        client._write = _eager_writer(dt)
-        device._write = _eager_writer(ct)
+        client._write = eager_writer(dt)
+        device._write = eager_writer(ct)
         # A full write buffer on one side pauses reading on the other.
         ct.registerProducer(dt, True)  # type: ignore[union-attr]
         dt.registerProducer(ct, True)  # type: ignore[union-attr]
-        self.link.last_activity = self.seconds()
+        self.link.touch()
         ct.resumeProducing()  # type: ignore[union-attr]
 
-    def _peer(self, side: _Side) -> _Side | None:
+    def _peer(self, side: Side) -> Side | None:
         return self.device if side is self.client else self.client
 
-    def read_ended(self, side: _Side) -> None:
+    def read_ended(self, side: Side) -> None:
         """``side`` sent FIN: pass it on after the peer's pending bytes."""
         if side.read_done:
             return
@@ -410,13 +298,13 @@ class TCPRelay:
         pt.unregisterProducer()  # type: ignore[union-attr]
         pt.loseWriteConnection()  # type: ignore[union-attr]
 
-    def write_ended(self, side: _Side) -> None:
+    def write_ended(self, side: Side) -> None:
         """Our FIN went out on ``side``: one direction is done."""
         self._writes_shut += 1
         if self._writes_shut == 2 and self.state is State.RELAYING:
             self.link.close("done", abort=False)
 
-    def side_lost(self, side: _Side) -> None:
+    def side_lost(self, side: Side) -> None:
         if self.state is State.CLOSED:
             return  # our own shutdown
         self.link.close("client_reset" if side is self.client else "device_reset")

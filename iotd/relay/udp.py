@@ -12,15 +12,16 @@ Choices made:
   from the device go to it at once, before it sent anything.  Without, the
   first sender inherits the link; datagrams from others are dropped (counted
   in ``Link.refused``).  Device datagrams that arrive while no client is known
-  are dropped (``Link.dropped``).
+  are dropped (``Link.dropped``).  The counters are the ``Link``'s; the
+  protocols report each datagram (``datagram_up``, ``datagram_refused``...).
 - UDP has no back-pressure: a datagram the kernel will not take (send buffer
   full, ICMP unreachable) is dropped and counted in ``Link.dropped`` instead
   of being queued, so memory stays flat.  ``OSError`` is caught right at the
   ``write`` -- Twisted would otherwise log a traceback per dropped datagram.
 - Encryption, when asked for, restarts the keystream at the IV for every
   datagram (see ``ctr``).
-- Hot path: ``datagramReceived`` -> counters and ``last_activity`` on the
-  ``Link`` -> (transform) -> ``write``.
+- Hot path: ``datagramReceived`` -> ``Link.datagram_up``/``datagram_down``
+  (counters, ``last_activity``) -> (transform) -> ``write``.
 """
 
 from __future__ import annotations
@@ -35,73 +36,56 @@ from twisted.internet.protocol import DatagramProtocol
 from iotd.relay.ctr import Transform, datagram_transform
 
 if TYPE_CHECKING:
-    from iotd.relay.links import Link
+    from iotd.relay.link import Link
 
 MAX_PACKET = 65535  # what we ask recvfrom for; the largest UDP/IPv4 payload is 65,507
 
 _SEND_ERRORS = (OSError, MessageLengthError)
 
 
-class _ClientDatagrams(DatagramProtocol):
+class _Datagrams(DatagramProtocol):
+    """One of the link's two UDP sockets; ``_send`` is the other socket's bound write."""
+
     noisy = False
 
     def __init__(self, relay: UDPRelay) -> None:
         self.relay = relay
         self.link = relay.link
-        self._seconds = relay.seconds
         self._transform = relay.transform
-        self._send: Any = None  # the device port's bound write, set by UDPRelay.start
+        self._send: Any = None
 
+    def _relay(self, data: bytes, *to: Any) -> None:
+        t = self._transform
+        try:
+            self._send(t(data) if t is not None else data, *to)
+        except _SEND_ERRORS:
+            self.link.datagram_dropped()
+
+
+class _ClientDatagrams(_Datagrams):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         relay = self.relay
-        link = self.link
         if addr != relay.client:
             if relay.client is not None:
-                link.refused += 1
+                self.link.datagram_refused()
                 return
             relay.client = addr  # first sender inherits the link
-        link.datagrams_up += 1
-        link.bytes_up += len(data)
-        link.last_activity = self._seconds()
-        if not link.used:
-            link.mark_used()
-        t = self._transform
-        try:
-            self._send(t(data) if t is not None else data)
-        except _SEND_ERRORS:
-            link.dropped += 1
+        self.link.datagram_up(len(data))
+        self._relay(data)
 
 
-class _DeviceDatagrams(DatagramProtocol):
-    noisy = False
-
-    def __init__(self, relay: UDPRelay) -> None:
-        self.relay = relay
-        self.link = relay.link
-        self._seconds = relay.seconds
-        self._transform = relay.transform
-        self._send: Any = None  # the client port's bound write
-
+class _DeviceDatagrams(_Datagrams):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        link = self.link
         client = self.relay.client
         if client is None:
-            link.dropped += 1
+            self.link.datagram_dropped()
             return
-        link.datagrams_down += 1
-        link.bytes_down += len(data)
-        link.last_activity = self._seconds()
-        if not link.used:
-            link.mark_used()
-        t = self._transform
-        try:
-            self._send(t(data) if t is not None else data, client)
-        except _SEND_ERRORS:
-            link.dropped += 1
+        self.link.datagram_down(len(data))
+        self._relay(data, client)
 
     def connectionRefused(self) -> None:
         # ICMP port unreachable from the device: UDP is lossy, keep the link.
-        self.link.dropped += 1
+        self.link.datagram_dropped()
 
 
 class UDPRelay:
@@ -111,7 +95,6 @@ class UDPRelay:
         self,
         link: Link,
         reactor: Any,
-        clock: Any,
         interface: str,
         key: bytes | None,
         iv: bytes | None,
@@ -120,7 +103,6 @@ class UDPRelay:
             raise ValueError(f"UDP device host must be an IP address, got {link.device_host!r}")
         self.link = link
         self.reactor = reactor
-        self.seconds = clock.seconds
         self.interface = interface
         self.transform: Transform | None = (
             datagram_transform(key, iv) if key is not None and iv is not None else None

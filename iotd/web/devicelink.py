@@ -1,9 +1,9 @@
-"""DeviceLink REST (``deviceLink:*``) and the job that owns the link manager.
+"""DeviceLink REST (``deviceLink:*``) and the job that wires it to its link manager.
 
 ``POST /api/v1/devicelink/{device}`` opens a TCP or UDP port relaying to the
 device's registry ``host``; ``DELETE /api/v1/devicelink/{token}`` closes it;
 ``GET /api/v1/devicelink`` lists the tenant's open links.  The relay itself
-is :mod:`iotd.relay`.
+is :mod:`iotd.relay` (its service: :mod:`iotd.relay.service`).
 
 Device addresses follow :mod:`iotd.relay.addresses`: an address literal
 outside the rule is 403 at creation (with an empty
@@ -29,6 +29,7 @@ from twisted.application import service
 
 from iotd import errors
 from iotd.relay.links import AddressNotAllowed, LinkManager, NoFreePort, TenantLinkLimit
+from iotd.relay.service import start_links
 from iotd.context import Context
 from iotd.request import read_json, require, respond, visible_device
 
@@ -97,20 +98,8 @@ def check_device_host(host: str | None, manager: LinkManager) -> str:
     return host
 
 
-class LinkService(service.Service):
-    name = "devicelink"
-
-    def __init__(self, manager: LinkManager):
-        self.manager = manager
-
-    def stopService(self):
-        super().stopService()
-        return self.manager.close_all()
-
-
-def routes(app: Klein, ctx: Context) -> None:
+def routes(app: Klein, ctx: Context, manager: LinkManager) -> None:
     cfg = ctx.config.devicelink
-    manager: LinkManager = ctx.jobs["devicelink"]
 
     @app.route("/api/v1/devicelink/<identifier>", methods=["POST"])
     def create_link(request, identifier):
@@ -160,15 +149,8 @@ def _visible(ctx: Context, key: Any, identifier: str) -> bool:
 
 
 def job(ctx: Context, parent: service.MultiService):
-    """Add the link manager's service when ``[devicelink] enabled``."""
-    cfg = ctx.config.devicelink
-    if not cfg.enabled:
+    """The link manager's service when ``[devicelink] enabled``, and the routes that use it."""
+    if not ctx.config.devicelink.enabled:
         return None
-    manager = LinkManager(ctx.reactor, interface=cfg.interface, port_range=cfg.port_range,
-                          max_links=cfg.max_links, connect_timeout=cfg.connect_timeout,
-                          unused_ttl=cfg.unused_ttl, device_networks=cfg.allowed_device_networks,
-                          max_links_per_tenant=cfg.max_links_per_tenant)
-    ctx.jobs["devicelink"] = manager
-    LinkService(manager).setServiceParent(parent)
-    ctx.registry.add_delete_listener(lambda device: manager.close_device(device.tenant, device.identifier))
-    return routes
+    manager = start_links(ctx.config.devicelink, ctx.reactor, ctx.registry, parent)
+    return lambda app, ctx: routes(app, ctx, manager)
