@@ -1,5 +1,8 @@
 """The device registry and streams, shared by every job.
 
+What a device and a stream are is :mod:`iotd.device` (re-exported here); the
+per-tenant indexes are :mod:`iotd.registry_index`.
+
 The whole registry lives in memory (loaded at start, written through to the
 store), so per-event membership checks and push polls never touch SQLite.
 Runtime state (``online``, ``lastSeen``, ``lastAddress``) changes in memory
@@ -20,251 +23,23 @@ a tag outside its groups walks the shorter of the two tag lists.
 
 from __future__ import annotations
 
-import bisect
-import copy
 import heapq
 import itertools
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import attrs
 from twisted.internet.task import LoopingCall
 
 from iotd import errors
+from iotd.device import PUSH_ID_MAX, PUSH_ID_MIN, Device, Stream, id_text, normalize_identifier, validate_device_body
 from iotd.logs import Logger
+from iotd.registry_index import TenantIndex, idents_after
 from iotd.store import StoreUnavailable
 from iotd.store import devices as devsql
-from iotd.timefmt import iso
+
+__all__ = ["FLUSH_EVERY", "PUSH_ID_MAX", "PUSH_ID_MIN", "Device", "Registry", "Stream", "id_text",
+           "normalize_identifier", "validate_device_body"]
 
 FLUSH_EVERY = 5.0
-PUSH_ID_MIN, PUSH_ID_MAX = -(2**63), 2**63 - 1
-
-# field -> (check, message) for the client-writable fields of a device
-_STR = (lambda v: v is None or (isinstance(v, str) and len(v) <= 1000), "a string")
-
-
-def _is_port(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65535
-
-
-_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "name": _STR,
-    "host": _STR,
-    "productID": _STR,
-    "deviceName": _STR,
-    "projectID": (lambda v: v is None or isinstance(v, (str, int)) and not isinstance(v, bool), "a string"),
-    "areaID": (lambda v: v is None or isinstance(v, (str, int)) and not isinstance(v, bool), "a string"),
-    "pushId": (
-        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and PUSH_ID_MIN <= v <= PUSH_ID_MAX),
-        "a signed 64-bit integer",
-    ),
-    "ports": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_port(p) for k, p in v.items()),
-              "an object of name: port (1-65535)"),
-    "tags": (lambda v: isinstance(v, list) and all(isinstance(t, str) and t for t in v), "a list of strings"),
-    "fields": (lambda v: isinstance(v, dict), "an object"),
-    "interfaces": (lambda v: isinstance(v, list) and all(isinstance(i, dict) for i in v), "a list of objects"),
-}
-
-
-def id_text(value: Any) -> str | None:
-    """An ID given as a string or a number, as the string it is compared by (None: no ID)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    return None
-
-
-def normalize_identifier(identifier: str) -> str:
-    if not isinstance(identifier, str) or not identifier.strip() or len(identifier) > 200:
-        raise errors.Invalid("identifier must be 1-200 characters")
-    if "/" in identifier:
-        raise errors.Invalid("identifier must not contain '/'")
-    return identifier.strip().upper()
-
-
-@attrs.define(eq=False)
-class Device:
-    tenant: str
-    identifier: str
-    name: str | None = None
-    pushId: int | None = None
-    host: str | None = None
-    ports: dict[str, int] = attrs.Factory(dict)
-    tags: list[str] = attrs.Factory(list)
-    productID: str | None = None
-    deviceName: str | None = None
-    projectID: str | None = None
-    areaID: str | None = None
-    fields: dict[str, Any] = attrs.Factory(dict)
-    interfaces: list[dict] = attrs.Factory(list)
-    online: bool = False
-    lastSeen: int | None = None  # micros
-    lastAddress: str | None = None
-    _selectors: tuple | None = attrs.field(default=None, init=False, repr=False)
-
-    @property
-    def selectors(self) -> tuple[tuple[str, ...], ...]:
-        """The subscription selectors this device matches: ``("pd", productID, deviceName)``,
-        and ``("p", projectID)`` / ``("pa", projectID, areaID)`` when it has them."""
-        sels = self._selectors
-        if sels is None:
-            out: list[tuple[str, ...]] = [("pd", self.product_id, self.device_name)]
-            project = id_text(self.projectID)
-            if project is not None:
-                out.append(("p", project))
-                area = id_text(self.areaID)
-                if area is not None:
-                    out.append(("pa", project, area))
-            sels = self._selectors = tuple(out)
-        return sels
-
-    @property
-    def product_id(self) -> str:
-        """``productID`` for the subscription protocol (the identifier if unset)."""
-        return self.productID if self.productID else self.identifier
-
-    @property
-    def device_name(self) -> str:
-        return self.deviceName if self.deviceName else self.identifier
-
-    def doc(self) -> dict[str, Any]:
-        """What the store keeps."""
-        out = {f: getattr(self, f) for f in _FIELDS}
-        out.update(online=self.online, lastSeen=self.lastSeen, lastAddress=self.lastAddress)
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        out = {"identifier": self.identifier}
-        for f in _FIELDS:
-            out[f] = getattr(self, f)
-        out["online"] = self.online
-        out["lastSeen"] = iso(self.lastSeen) if self.lastSeen is not None else None
-        out["lastAddress"] = self.lastAddress
-        return out
-
-
-def validate_device_body(body: Any) -> dict[str, Any]:
-    """The client-writable fields of a PUT body, checked; raises Invalid."""
-    if not isinstance(body, dict):
-        raise errors.Invalid("body must be a JSON object")
-    out: dict[str, Any] = {}
-    for key, value in body.items():
-        if key in ("identifier", "online", "lastSeen", "lastAddress"):
-            continue  # read-only fields echoed back by a client are ignored
-        if key not in _FIELDS:
-            raise errors.Invalid(f"unknown field {key!r}")
-        check, what = _FIELDS[key]
-        if not check(value):
-            raise errors.Invalid(f"{key} must be {what}")
-        if key in ("projectID", "areaID") and value is not None:
-            value = str(value)
-        out[key] = copy.deepcopy(value)
-    if "tags" in out:
-        out["tags"] = list(dict.fromkeys(out["tags"]))
-    return out
-
-
-@attrs.define
-class Stream:
-    tenant: str
-    id: str
-    devices: list[str] = attrs.Factory(list)
-    tags: list[str] = attrs.Factory(list)
-    _device_set: frozenset[str] = attrs.field(init=False, repr=False)
-    _tag_set: frozenset[str] = attrs.field(init=False, repr=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._device_set = frozenset(self.devices)
-        self._tag_set = frozenset(self.tags)
-
-    def names(self, identifier: str) -> bool:
-        """Is ``identifier`` listed in ``devices``?"""
-        return identifier in self._device_set
-
-    def contains(self, device: Device) -> bool:
-        return device.identifier in self._device_set or not self._tag_set.isdisjoint(device.tags)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "devices": list(self.devices), "tags": list(self.tags)}
-
-
-class _TenantIndex:
-    """One tenant's indexes (see the module docstring)."""
-
-    __slots__ = ("ids", "tags", "selections")
-
-    def __init__(self) -> None:
-        self.ids: list[str] = []  # sorted identifiers
-        self.tags: dict[str, list[str]] = {}  # tag -> sorted identifiers
-        self.selections: dict[tuple[str, ...], dict[str, int]] = {}  # selector -> {tag: devices}
-
-    def add(self, device: Device, ordered: bool = True) -> None:
-        """Index ``device``; with ``ordered=False`` the lists are sorted later (:meth:`sort`)."""
-        ident, tags = device.identifier, set(device.tags)
-        _insert(self.ids, ident, ordered)
-        for tag in tags:
-            _insert(self.tags.setdefault(tag, []), ident, ordered)
-        if tags:
-            for sel in device.selectors:
-                counts = self.selections.setdefault(sel, {})
-                for tag in tags:
-                    counts[tag] = counts.get(tag, 0) + 1
-
-    def remove(self, device: Device) -> None:
-        ident, tags = device.identifier, set(device.tags)
-        _remove(self.ids, ident)
-        for tag in tags:
-            idents = self.tags.get(tag)
-            if idents is not None:
-                _remove(idents, ident)
-                if not idents:
-                    del self.tags[tag]
-        if tags:
-            for sel in device.selectors:
-                counts = self.selections.get(sel)
-                if counts is None:
-                    continue
-                for tag in tags:
-                    left = counts.get(tag, 0) - 1
-                    if left > 0:
-                        counts[tag] = left
-                    else:
-                        counts.pop(tag, None)
-                if not counts:
-                    del self.selections[sel]
-
-    def sort(self) -> None:
-        self.ids.sort()
-        for idents in self.tags.values():
-            idents.sort()
-
-
-def _insert(idents: list[str], ident: str, ordered: bool) -> None:
-    if not ordered:
-        idents.append(ident)
-        return
-    at = bisect.bisect_left(idents, ident)
-    if at == len(idents) or idents[at] != ident:
-        idents.insert(at, ident)
-
-
-def _remove(idents: list[str], ident: str) -> None:
-    at = bisect.bisect_left(idents, ident)
-    if at < len(idents) and idents[at] == ident:
-        del idents[at]
-
-
-def _after(idents: list[str], after: str | None) -> Iterator[str]:
-    """The identifiers of a sorted list strictly greater than ``after``, lazily (by position:
-    ``islice`` would step over the skipped ones)."""
-    at = bisect.bisect_right(idents, after) if after is not None else 0
-    while at < len(idents):
-        yield idents[at]
-        at += 1
 
 
 _NO_SELECTION: Mapping[str, int] = {}
@@ -278,7 +53,7 @@ class Registry:
         self._clock = clock
         self._devices: dict[tuple[str, str], Device] = {}
         self._by_push: dict[int, Device] = {}
-        self._tenants: dict[str, _TenantIndex] = {}
+        self._tenants: dict[str, TenantIndex] = {}
         self._streams: dict[tuple[str, str], Stream] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._delete_listeners: list[Callable[[Device], None]] = []
@@ -314,7 +89,7 @@ class Registry:
             self._by_push[device.pushId] = device
         index = self._tenants.get(device.tenant)
         if index is None:
-            index = self._tenants[device.tenant] = _TenantIndex()
+            index = self._tenants[device.tenant] = TenantIndex()
         index.add(device, ordered)
 
     def _unindex(self, device: Device) -> None:
@@ -370,14 +145,14 @@ class Registry:
         if index is None or limit < 1:
             return [], False
         if tags is None:
-            candidates: Iterator[str] = _after(index.ids, after)
+            candidates: Iterator[str] = idents_after(index.ids, after)
         else:
             lists = [index.tags[t] for t in set(tags) if t in index.tags]
             if len(lists) == 1:
-                candidates = _after(lists[0], after)
+                candidates = idents_after(lists[0], after)
             else:
                 candidates = (ident for ident, _ in itertools.groupby(
-                    heapq.merge(*(_after(idents, after) for idents in lists))))
+                    heapq.merge(*(idents_after(idents, after) for idents in lists))))
         out: list[Device] = []
         for ident in candidates:
             device = self._devices[(tenant, ident)]

@@ -16,7 +16,7 @@ import re
 from typing import Any, Callable
 
 from iotd import errors, jsonsafe, metrics
-from iotd.auth import ApiKey, presented_key
+from iotd.apikeys import ApiKey, presented_key
 from iotd.context import Context
 from iotd.logs import Logger
 

@@ -7,14 +7,18 @@ The tree::
       http-N      one strports service per ``[http] listen`` endpoint
       <job>       one child per enabled job (push, devicelink, websockets)
 
-A job is a function ``job(ctx, parent) -> routes`` that adds its own child
-service to ``parent`` and returns its ``routes(app, ctx)`` for the one
-Klein app.  Jobs are listed in :data:`JOBS`.
+A job is a function ``job(ctx, parent) -> routes`` that builds its own
+service, adds it to ``parent`` as a child and returns its ``routes(app,
+ctx)`` for the one Klein app, closed over that service (nothing else
+reaches it).  Jobs are listed by :func:`jobs`, which also builds the
+per-daemon objects two jobs share (the ``[websocket]`` connection caps of
+both socket kinds) once and hands them in.
 """
 
 from __future__ import annotations
 
 import resource
+from functools import partial
 from typing import Any, Callable
 
 from twisted.application import service, strports
@@ -29,20 +33,25 @@ from iotd.web import push
 from iotd.context import Context
 from iotd.web.app import make_app
 from iotd.web.site import make_site
-from iotd.ws import element
-from iotd.ws import subscribe
+from iotd.ws import element_job, subscribe_job
+from iotd.ws.limits import Limits
 
 # The REST areas every daemon serves.
 AREAS = [ops.routes, keys.routes, devices.routes, ingest.routes]
 
-# Jobs: each ``job(ctx, parent)`` adds its child service (when enabled) and
-# returns its ``routes(app, ctx)`` or None.  One line per job.
-JOBS: list[Callable[[Context, service.MultiService], Any]] = [
-    push.job,
-    devicelink.job,
-    element.job,
-    subscribe.job,
-]
+Job = Callable[[Context, service.MultiService], Any]
+
+
+def jobs(cfg: configmod.Config) -> list[Job]:
+    """Each ``job(ctx, parent)`` adds its child service (when enabled) and returns its
+    ``routes(app, ctx)`` or None.  One line per job."""
+    ws_limits = Limits.of(cfg.websocket)  # one count for both socket kinds
+    return [
+        push.job,
+        devicelink.job,
+        partial(element_job.job, limits=ws_limits),
+        partial(subscribe_job.job, limits=ws_limits),
+    ]
 
 
 class Options(usage.Options):
@@ -123,7 +132,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     ctx = Context(config=cfg, reactor=reactor, store=core.store, keys=core.keys,
                   registry=core.registry, events=core.events)
     areas = list(AREAS)
-    for job in JOBS:
+    for job in jobs(cfg):
         routes = job(ctx, top)
         if routes is not None:
             areas.append(routes)

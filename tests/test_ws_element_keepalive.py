@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from ws_helpers import Client, ws_url
+from ws_helpers import Client, sockets_of, ws_url
 
 
 async def open_with_clock(daemon) -> tuple[Client, Clock]:
     await daemon.put_device("gate-01")
     clock = Clock()
-    daemon.ctx.jobs["element"].clock = clock
+    sockets_of(daemon, "element").clock = clock
     client = await Client.open(ws_url(daemon, "/api/v1/devices/gate-01/packets/socket", auth=daemon.admin_key))
     return client, clock
 

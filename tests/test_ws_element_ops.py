@@ -11,7 +11,7 @@ from twisted.internet import defer
 from conftest import make_config, start_daemon, stop_daemon
 from iotd import metrics
 from iotd.store import keys as keysql
-from ws_helpers import Client, RawClient, eventually, handshake_error, in_thread, sleep, ws_url
+from ws_helpers import Client, RawClient, eventually, handshake_error, in_thread, sleep, sockets_of, ws_url
 
 SUBSCRIBE = "/api/v1/system/common/websocket/connect"
 
@@ -29,7 +29,7 @@ async def test_a_client_that_does_not_read_is_cut_and_the_others_get_everything(
     assert slow.status == 101
     fast = await Client.open(ws_url(daemon, "/api/v1/devices/gate-01/packets/socket", auth=daemon.admin_key),
                              max_size=None, max_queue=None)
-    factory = daemon.ctx.jobs["element"]
+    factory = sockets_of(daemon, "element")
     await eventually(lambda: len(factory.sockets) == 2)
     before = slow_dropped()
     sent = []
@@ -126,7 +126,7 @@ async def test_max_connections_counts_both_kinds_and_refuses_with_503(daemon):
     status, _ = await handshake_error(ws_url(daemon, SUBSCRIBE, token=daemon.admin_key))
     assert status == 503
     await first.close()
-    await eventually(lambda: daemon.ctx.jobs["websocket.limits"].open == 1)
+    await eventually(lambda: sockets_of(daemon, "element").limits.open == 1)
     third = await Client.open(ws_url(daemon, "/api/v1/readings/socket", auth=daemon.admin_key))
     await third.close()
     await second.close()

@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from iotd.timefmt import parse_iso
-from ws_helpers import Client, RawClient, eventually, in_thread, sleep, ws_url
+from ws_helpers import Client, RawClient, eventually, in_thread, sleep, sockets_of, ws_url
 
 
 async def packets(daemon, device: str, count: int, **extra) -> list[dict]:
@@ -42,7 +42,7 @@ async def test_replay_sends_strictly_later_events_earliest_first_then_live(daemo
         assert [e["body"] for e in replay] == stored[2:]  # one batch, strictly after, in order
         assert all(e["event"] == "packet_added" for e in replay)
         # the replay has handed over to live (events ingested before that are part of the replay)
-        await eventually(lambda: all(s._live for s in daemon.ctx.jobs["element"].sockets))
+        await eventually(lambda: all(s._live for s in sockets_of(daemon, "element").sockets))
         live = await packets(daemon, "gate-01", 2)
         assert await client.frames(2) == [[{"event": "packet_added", "body": b}] for b in live]
     finally:
@@ -111,7 +111,7 @@ async def test_a_slow_reader_slows_its_replay_and_is_not_cut(daemon):
     try:
         assert raw.status == 101
         await sleep(0.5)
-        (sock,) = daemon.ctx.jobs["element"].sockets
+        (sock,) = sockets_of(daemon, "element").sockets
         assert sock._follower is not None  # still replaying: it waits for the client
         assert sock._follower.last_id < stored[-1]["id"]
         assert sock.state == sock.STATE_OPEN and not sock._cut
@@ -224,7 +224,7 @@ async def test_reading_preloads_embed_packet_and_interface_live_and_in_replay(da
 
         second = await reading(daemon, "gate-01", packet_id=pkt["id"])
         no_packet = await reading(daemon, "gate-01")
-        daemon.ctx.jobs["element"]._packets.clear()  # not cached any more: read from the store
+        sockets_of(daemon, "element").packets.cache.clear()  # not cached any more: read from the store
         third = await reading(daemon, "gate-01", packet_id=pkt["id"], data={"t": 3})
         for client in (live, replay):
             bodies = [f[0]["body"] for f in await client.frames(3)]
@@ -244,7 +244,7 @@ async def test_packet_preload_of_a_packet_pruned_meanwhile_is_null(daemon):
     stored = await reading(daemon, "gate-01", packet_id=pkt["id"])
     # retention prunes the packet but not the reading; nothing is cached any more
     assert await daemon.ctx.events.prune(parse_iso(stored["inserted_at"])) == 1
-    daemon.ctx.jobs["element"]._packets.clear()
+    sockets_of(daemon, "element").packets.cache.clear()
     client = await Client.open(socket_url(daemon, part="readings", preload="packet", after=pkt["inserted_at"]))
     try:
         body = (await client.recv_json())[0]["body"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from ws_helpers import Client, handshake_error, sleep, ws_url
+from ws_helpers import Client, handshake_error, sleep, sockets_of, ws_url
 
 
 async def packet(daemon, device: str, key: str | None = None, **body) -> dict:
@@ -237,7 +237,7 @@ async def test_many_sockets_on_one_device_all_get_each_event_once(daemon):
         for client in clients:
             await client.close()
     await sleep(0.1)
-    assert daemon.ctx.jobs["element"]._index == {}
+    assert len(sockets_of(daemon, "element").index) == 0
 
 
 @pytest_twisted.ensureDeferred

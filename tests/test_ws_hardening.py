@@ -19,7 +19,7 @@ import treq
 from twisted.internet import defer
 
 from daemon_process import DaemonProcess
-from ws_helpers import Client, RawClient, eventually, handshake_error, in_thread, ws_url
+from ws_helpers import Client, RawClient, eventually, handshake_error, in_thread, sockets_of, ws_url
 
 CONNECT = "/api/v1/system/common/websocket/connect"
 AUTH_FAILED = {"code": 100002, "msg": "认证失败"}
@@ -256,7 +256,7 @@ async def test_refused_up_sub_requests_count_toward_the_1000_cap(daemon):
 async def test_a_never_reading_socket_is_cut_and_counted_while_a_reader_gets_everything(daemon, kind):
     await daemon.put_device("gate-01")
     key = daemon.admin_key
-    factory = daemon.ctx.jobs[kind]
+    factory = sockets_of(daemon, kind)
     subscription = {"type": "up.sub", "body": {"code": "devicePublish",
                                                "params": {"productID": "GATE-01", "deviceName": "GATE-01"}}}
     if kind == "element":
@@ -320,7 +320,7 @@ async def reading_of(daemon, packet_id: int, device: str = "gate-01") -> dict:
 @pytest_twisted.ensureDeferred
 async def test_the_packet_cache_is_bounded_in_bytes_and_preloads_still_work(daemon):
     await daemon.put_device("gate-01")
-    cache = daemon.ctx.jobs["element"]._packets
+    cache = sockets_of(daemon, "element").packets.cache
     client = await Client.open(ws_url(daemon, "/api/v1/devices/gate-01/readings/socket", auth=daemon.admin_key,
                                       preload="packet"), max_size=None)
     try:
@@ -372,7 +372,7 @@ async def test_a_replay_buffer_is_bounded_in_bytes_without_gap_or_duplicate(daem
 @pytest_twisted.ensureDeferred
 async def test_live_events_waiting_for_a_packet_are_bounded_by_max_buffer_bytes(daemon):
     await daemon.put_device("gate-01")
-    factory = daemon.ctx.jobs["element"]
+    factory = sockets_of(daemon, "element")
     pkt = await packet(daemon, "p")
     client = await Client.open(ws_url(daemon, "/api/v1/devices/gate-01/readings/socket",
                                       auth=daemon.admin_key, preload="packet"))
@@ -385,7 +385,7 @@ async def test_live_events_waiting_for_a_packet_are_bounded_by_max_buffer_bytes(
         stalled.append(d)
         return d
 
-    factory.packet_deferred = never_answers
+    factory.packets.deferred = never_answers
     try:
         for n in range(100):  # 100 readings of ~2 KB wait behind their packets: past 64 KiB
             status, _ = await daemon.request("POST", "/api/v1/devices/gate-01/readings",
@@ -397,7 +397,7 @@ async def test_live_events_waiting_for_a_packet_are_bounded_by_max_buffer_bytes(
         code, _ = await client.closed(timeout=5)
         assert code in (1006, 1008)
     finally:
-        del factory.packet_deferred
+        del factory.packets.deferred
         await client.close()
 
 

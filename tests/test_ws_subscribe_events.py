@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest_twisted
 
 from iotd.timefmt import parse_iso
-from ws_helpers import Client, eventually, ws_url
+from ws_helpers import Client, eventually, sockets_of, ws_url
 
 PATH = "/api/v1/system/common/websocket/connect"
 DEVICE = {"productID": "k0sr6A5BMbN", "deviceName": "cB05016F7", "projectID": "p1", "areaID": "a1",
@@ -255,7 +255,7 @@ async def test_closing_a_connection_clears_its_subscriptions(daemon):
     client = await connect(daemon)
     await subscribe(client, "deviceConn", projectID="p1")
     await subscribe(client, "deviceConn", **WHO)
-    factory = daemon.ctx.jobs["subscribe"]
+    factory = sockets_of(daemon, "subscribe")
     assert len(factory._plain) == 2
     await client.close()
     await eventually(lambda: not factory._plain and not factory._tenants)

@@ -7,7 +7,7 @@ import re
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from ws_helpers import Client, RawClient, eventually, handshake_error, in_thread, parse_frames, ws_url
+from ws_helpers import Client, RawClient, eventually, handshake_error, in_thread, parse_frames, sockets_of, ws_url
 
 PATH = "/api/v1/system/common/websocket/connect"
 AUTH_FAILED = {"code": 100002, "msg": "认证失败"}
@@ -175,10 +175,10 @@ async def test_client_messages_are_capped_at_64_kib(daemon):
 @pytest_twisted.ensureDeferred
 async def test_five_unanswered_pings_close_the_connection(daemon):
     clock = Clock()
-    daemon.ctx.jobs["subscribe"].clock = clock
+    sockets_of(daemon, "subscribe").clock = clock
     raw = await RawClient.open(daemon, f"{PATH}?token={daemon.admin_key}")
     assert raw.status == 101
-    factory = daemon.ctx.jobs["subscribe"]
+    factory = sockets_of(daemon, "subscribe")
     await eventually(lambda: len(factory.sockets) == 1)
     (sock,) = factory.sockets
     for _ in range(5):
@@ -196,7 +196,7 @@ async def test_five_unanswered_pings_close_the_connection(daemon):
 @pytest_twisted.ensureDeferred
 async def test_any_client_frame_resets_the_heartbeat_count(daemon):
     clock = Clock()
-    factory = daemon.ctx.jobs["subscribe"]
+    factory = sockets_of(daemon, "subscribe")
     factory.clock = clock
     raw = await RawClient.open(daemon, f"{PATH}?token={daemon.admin_key}")
     await eventually(lambda: len(factory.sockets) == 1)

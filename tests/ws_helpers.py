@@ -39,6 +39,11 @@ def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferr
     return d
 
 
+def sockets_of(daemon: Any, kind: str) -> Any:
+    """The socket factory of one kind (``element`` or ``subscribe``): its job's service holds it."""
+    return daemon.top.getServiceNamed(f"{kind}-ws").factory
+
+
 def ws_url(daemon: Any, path: str, **query: Any) -> str:
     url = daemon.url.replace("http://", "ws://") + path
     if query:

@@ -15,7 +15,7 @@ from typing import Any
 from klein import Klein
 
 from iotd import errors
-from iotd.auth import ApiKey
+from iotd.apikeys import ApiKey
 from iotd.registry import validate_device_body
 from iotd.context import Context
 from iotd.request import MAX_LIMIT, arg, query_int, read_json, require, respond, visible_device

@@ -15,7 +15,7 @@ from typing import Any
 from klein import Klein
 
 from iotd import errors
-from iotd.auth import ApiKey, validate_key_request
+from iotd.apikeys import ApiKey, validate_key_request
 from iotd.context import Context
 from iotd.timefmt import iso, parse_iso
 from iotd.request import page, read_json, require, respond

@@ -1,12 +1,11 @@
 """ELEMENT-style event sockets: packets and readings of a device, tag, stream or tenant.
 
-One :class:`ElementFactory` serves all eight URLs.  It subscribes to the
-event bus once and keeps its sockets in an index by ``(tenant, kind)`` and
-scope (mandate / device / tag / stream), so an event costs a few dict
-lookups plus one write per interested socket.  Sockets with the common shape
-(no preload, a key that sees every device of its tenant) sit in each bucket's
-``plain`` set and get one shared frame; the others (preloads, group keys) are
-handled one by one.
+One :class:`ElementFactory` serves all eight URLs (:mod:`iotd.ws.element_job`).
+It subscribes to the event bus once and keeps its live sockets in an
+:class:`~iotd.ws.element_index.ElementIndex`, so an event costs a few dict
+lookups plus one write per interested socket; what a frame holds is
+:mod:`iotd.ws.element_format`, the packets of the ``packet`` preload come
+from :mod:`iotd.ws.element_packets`.
 
 A socket with ``after`` first replays stored events through
 :meth:`iotd.events.EventLog.follow` (subscribe-then-read, so no gap and no
@@ -14,180 +13,29 @@ duplicate), a page of up to 100 events per frame, waiting for the client to
 drain each frame when its socket buffer is full; then it joins the index in
 the same reactor turn as the last buffered live event is sent.
 
-Memory, chosen where the spec is silent: the recent packets kept for the
-``packet`` preload (:class:`PacketCache`) are bounded by ``[websocket]
-packet_cache_bytes`` (an event counts its data's size, see
-:meth:`iotd.events.Event.size`) and by :data:`PACKET_CACHE` entries, and keep
-a copy of each packet without the frames built for its sockets.  Packets are
-cached only while some socket with that preload is open (the cache is emptied
-when the last one closes); a reading whose packet is not cached reads it from
-the store.  A replay's buffer of live events is bounded by
-``max_buffer_bytes`` (past it, it is dropped and the replay reads those events
-from the store).  Live events that wait behind a packet read from the store
-count toward the socket's ``max_buffer_bytes``; past it the socket is cut as
-too slow (1008).
+Memory, chosen where the spec is silent: a replay's buffer of live events is
+bounded by ``max_buffer_bytes`` (past it, it is dropped and the replay reads
+those events from the store).  Live events that wait behind a packet read
+from the store count toward the socket's ``max_buffer_bytes``; past it the
+socket is cut as too slow (1008).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, Iterable
 
 from twisted.internet import defer
 
-from iotd import errors
 from iotd.events import Event
-from iotd.store import events as evsql
-from iotd.timefmt import parse_iso
-from iotd.ws.base import FLUSH_FANOUT, STATE_OPEN, SocketFactory, SocketProtocol, SocketService, dumps
+from iotd.ws.element_format import KINDS, item, plain_frame
+from iotd.ws.element_index import ElementIndex
+from iotd.ws.element_packets import Packets
+from iotd.ws.factory import SocketFactory
+from iotd.ws.limits import Limits
+from iotd.ws.protocol import FLUSH_FANOUT, STATE_OPEN, SocketProtocol
 
-KINDS = ("packet", "reading")
-EVENT_NAMES = {"packet": "packet_added", "reading": "reading_added"}
-SCOPES = ("mandate", "device", "tag", "stream")
 REPLAY_FRAME = 100  # events per replay frame
-PACKET_CACHE = 20000  # at most this many recent packets are kept for the `packet` preload
-
-_PRELOADS = {
-    "packet": ("device", "device.fields", "device.interfaces"),
-    "reading": ("device", "device.fields", "device.interfaces", "packet", "packet.interface"),
-}
-_IMPLIES = {"device.fields": "device", "device.interfaces": "device", "packet.interface": "packet"}
-
-
-def parse_preload(text: str | None, kind: str) -> tuple[str, ...]:
-    """The canonical preload list (implied names added, sorted); 400 for unknown names."""
-    if not text:
-        return ()
-    names: set[str] = set()
-    for raw in text.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        if name not in _PRELOADS[kind]:
-            allowed = ", ".join(_PRELOADS[kind])
-            raise errors.BadRequest(f"unknown preload {name!r}; {kind} sockets know {allowed}",
-                                    code="invalid_preload")
-        names.add(name)
-        if name in _IMPLIES:
-            names.add(_IMPLIES[name])
-    return tuple(sorted(names))
-
-
-def parse_after(text: str) -> int:
-    """``after`` as micros; 400 unless ISO 8601 (a ``+`` decoded to a space is forgiven)."""
-    value = text.strip().replace(" ", "+")
-    try:
-        return parse_iso(value)
-    except (ValueError, TypeError, OverflowError):
-        raise errors.BadRequest("after must be an ISO 8601 date-time, e.g. 2026-11-23T18:30:00.123456Z",
-                                code="invalid_after") from None
-
-
-def device_doc(device: Any, preload: tuple[str, ...]) -> dict[str, Any] | None:
-    """The registry device as ELEMENT shapes it for the ``device`` preload."""
-    if device is None:
-        return None
-    out: dict[str, Any] = {
-        "id": device.identifier,
-        "name": device.name if device.name is not None else device.identifier,
-        "slug": device.identifier.lower(),
-        "tags": list(device.tags),
-    }
-    if "device.fields" in preload:
-        out["fields"] = device.fields
-    if "device.interfaces" in preload:
-        out["interfaces"] = device.interfaces
-    return out
-
-
-def packet_doc(packet: Event | None, device: Any, preload: tuple[str, ...]) -> dict[str, Any] | None:
-    if packet is None:
-        return None
-    out = dict(packet.body())
-    if "packet.interface" in preload:
-        interface = None
-        wanted = out.get("interface_id")
-        if wanted is not None and device is not None:
-            interface = next((i for i in device.interfaces if i.get("id") == wanted), None)
-        out["interface"] = interface
-    return out
-
-
-class PacketCache:
-    """Recent packets for the ``packet`` preload, oldest dropped first, bounded in bytes and entries."""
-
-    def __init__(self, max_bytes: int, max_entries: int = PACKET_CACHE):
-        self.max_bytes = max_bytes
-        self.max_entries = max_entries
-        self.bytes = 0
-        self._items: OrderedDict[int, Event] = OrderedDict()
-
-    def add(self, event: Event) -> None:
-        size = event.size()
-        if size > self.max_bytes:
-            return  # larger than the whole cache: read from the store when needed
-        items = self._items
-        old = items.pop(event.id, None)
-        if old is not None:
-            self.bytes -= old.size()
-        items[event.id] = event.lean()
-        self.bytes += size
-        while self.bytes > self.max_bytes or len(items) > self.max_entries:
-            _, gone = items.popitem(last=False)
-            self.bytes -= gone.size()
-
-    def get(self, packet_id: int) -> Event | None:
-        return self._items.get(packet_id)
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class Bucket:
-    """The sockets of one scope target: ``plain`` ones share a frame, ``special`` ones don't."""
-
-    __slots__ = ("plain", "special")
-
-    def __init__(self) -> None:
-        self.plain: set[ElementSocket] = set()
-        self.special: set[ElementSocket] = set()
-
-    def __bool__(self) -> bool:
-        return bool(self.plain or self.special)
-
-
-class Scopes:
-    """Every socket of one ``(tenant, kind)``, by scope."""
-
-    __slots__ = ("mandate", "device", "tag", "stream")
-
-    def __init__(self) -> None:
-        self.mandate = Bucket()
-        self.device: dict[str, Bucket] = {}
-        self.tag: dict[str, Bucket] = {}
-        self.stream: dict[str, Bucket] = {}
-
-    def bucket(self, scope: str, target: str, create: bool) -> Bucket | None:
-        if scope == "mandate":
-            return self.mandate
-        table = getattr(self, scope)
-        bucket = table.get(target)
-        if bucket is None and create:
-            bucket = table[target] = Bucket()
-        return bucket
-
-    def drop(self, scope: str, target: str) -> None:
-        if scope != "mandate":
-            table = getattr(self, scope)
-            if target in table and not table[target]:
-                del table[target]
-
-    def empty(self) -> bool:
-        return not (self.mandate or self.device or self.tag or self.stream)
 
 
 class ElementSocket(SocketProtocol):
@@ -205,7 +53,7 @@ class ElementSocket(SocketProtocol):
     _queue: deque | None = None
     _queued_bytes = 0  # size of the events in _queue
     _live = False
-    _packet_user = False  # counted in factory.packet_users
+    _packet_user = False  # counted in factory.packets.users
 
     def configure(self, tenant: str, event_kind: str, scope: str, target: str,
                   preload: tuple[str, ...], after_id: int | None) -> None:
@@ -223,7 +71,7 @@ class ElementSocket(SocketProtocol):
         self._idle_call = self.clock.callLater(self.factory.idle_timeout, self._idle_check)
         if "packet" in self.preload:
             self._packet_user = True
-            self.factory.packet_users += 1
+            self.factory.packets.joined()
         if self.after_id is None:
             self._go_live()
         else:
@@ -239,14 +87,12 @@ class ElementSocket(SocketProtocol):
             self._follower = None
         if self._live:
             self._live = False
-            self.factory.detach(self)
+            self.factory.index.detach(self)
         self._queue = None
         self._queued_bytes = 0
         if self._packet_user:
             self._packet_user = False
-            self.factory.packet_users -= 1
-            if not self.factory.packet_users:
-                self.factory._packets.clear()
+            self.factory.packets.left()
 
     def activity(self) -> None:
         self._last = self.clock.seconds()
@@ -353,8 +199,8 @@ class ElementSocket(SocketProtocol):
             device = factory.registry.get(event.tenant, event.device)
             packet = None
             if self._needs_packet(event):
-                packet = await factory.packet_of(event.tenant, event.data.get("packet_id"))
-            items.append(factory.item(event, self.preload, self.variant, device, packet))
+                packet = await factory.packets.read(event.tenant, event.data.get("packet_id"))
+            items.append(item(event, self.preload, self.variant, device, packet))
         if self.state == STATE_OPEN:
             self.send_text(b"[" + b",".join(items) + b"]", flush=False)
             factory.delivered(self.event_kind, len(items))
@@ -367,7 +213,7 @@ class ElementSocket(SocketProtocol):
 
     def _go_live(self) -> None:
         self._live = True
-        self.factory.attach(self)
+        self.factory.index.attach(self)
 
     # -- live -----------------------------------------------------------------------
 
@@ -388,7 +234,7 @@ class ElementSocket(SocketProtocol):
                 self._queue = deque()
             self._queue.append(entry)
             if self._needs_packet(event):
-                d = self.factory.packet_deferred(event.tenant, event.data.get("packet_id"))
+                d = self.factory.packets.deferred(event.tenant, event.data.get("packet_id"))
             else:
                 d = defer.succeed(None)
 
@@ -417,8 +263,8 @@ class ElementSocket(SocketProtocol):
             key += f":p{packet.id}"
         frame = event.cache.get(key)
         if frame is None:
-            item = factory.item(event, self.preload, self.variant, device, packet)
-            frame = event.cache[key] = factory.prepareMessage(b"[" + item + b"]")
+            element = item(event, self.preload, self.variant, device, packet)
+            frame = event.cache[key] = factory.prepareMessage(b"[" + element + b"]")
         self.sendPreparedMessage(frame)
         factory.delivered(event.kind)
 
@@ -426,78 +272,22 @@ class ElementSocket(SocketProtocol):
 class ElementFactory(SocketFactory):
     kind = "element"
     protocol = ElementSocket
+    bus_kinds = KINDS
 
-    def __init__(self, ctx: Any, clock: Any = None):
-        super().__init__(ctx, clock)
-        self.events = ctx.events
-        self.registry = ctx.registry
-        self.store = ctx.store
+    def __init__(self, ctx: Any, limits: Limits, clock: Any = None):
+        super().__init__(ctx, limits, clock)
         self.idle_timeout = ctx.config.websocket.idle_timeout
         self.replay_limit = ctx.config.websocket.replay_limit
-        self._index: dict[tuple[str, str], Scopes] = {}
-        self._packets = PacketCache(ctx.config.websocket.packet_cache_bytes)
-        self.packet_users = 0  # open sockets with the `packet` preload (the cache serves only them)
-        self._sub: Any = None
-
-    def start(self) -> None:
-        if self._sub is None:
-            self._sub = self.events.bus.subscribe(self.on_event, kinds=KINDS)
-
-    def stop(self) -> None:
-        if self._sub is not None:
-            self._sub.cancel()
-            self._sub = None
-
-    # -- the index ----------------------------------------------------------------
-
-    def attach(self, sock: ElementSocket) -> None:
-        scopes = self._index.get((sock.tenant, sock.event_kind))
-        if scopes is None:
-            scopes = self._index[(sock.tenant, sock.event_kind)] = Scopes()
-        bucket = scopes.bucket(sock.scope, sock.target, create=True)
-        (bucket.plain if sock.plain else bucket.special).add(sock)
-
-    def detach(self, sock: ElementSocket) -> None:
-        scopes = self._index.get((sock.tenant, sock.event_kind))
-        if scopes is None:
-            return
-        bucket = scopes.bucket(sock.scope, sock.target, create=False)
-        if bucket is not None:
-            bucket.plain.discard(sock)
-            bucket.special.discard(sock)
-            scopes.drop(sock.scope, sock.target)
-        if scopes.empty():
-            del self._index[(sock.tenant, sock.event_kind)]
-
-    # -- per event --------------------------------------------------------------------
+        self.index = ElementIndex(ctx.registry)
+        self.packets = Packets(ctx.store, ctx.config.websocket.packet_cache_bytes)
 
     def on_event(self, event: Event) -> None:
-        if event.kind == "packet" and self.packet_users:
-            self._packets.add(event)
-        scopes = self._index.get((event.tenant, event.kind))
-        if scopes is None:
-            return
-        device = self.registry.get(event.tenant, event.device)
-        buckets = []
-        if scopes.mandate:
-            buckets.append(scopes.mandate)
-        bucket = scopes.device.get(event.device)
-        if bucket is not None:
-            buckets.append(bucket)
-        if scopes.tag and device is not None:
-            for tag in device.tags:
-                bucket = scopes.tag.get(tag)
-                if bucket is not None:
-                    buckets.append(bucket)
-        if scopes.stream:
-            for stream_id, bucket in scopes.stream.items():
-                stream = self.registry.stream(event.tenant, stream_id)
-                if stream is not None and (stream.names(event.device)
-                                           or (device is not None and stream.contains(device))):
-                    buckets.append(bucket)
+        if event.kind == "packet":
+            self.packets.published(event)
+        device, buckets = self.index.buckets(event)
         for bucket in buckets:
             if bucket.plain:
-                self.broadcast(event.kind, self.prepared(event, "el:", self._plain_frame), bucket.plain)
+                self.broadcast(event.kind, self.prepared(event, "el:", plain_frame), bucket.plain)
             if bucket.special:
                 flush = len(bucket.special) <= FLUSH_FANOUT
                 for sock in tuple(bucket.special):
@@ -505,56 +295,3 @@ class ElementFactory(SocketFactory):
                         sock.live(event, device)
                         if flush:
                             sock.flush()
-
-    def _plain_frame(self, event: Event) -> bytes:
-        return b"[" + self.item(event, (), "", None, None) + b"]"
-
-    def item(self, event: Event, preload: tuple[str, ...], variant: str, device: Any,
-             packet: Event | None) -> bytes:
-        """One ``{"event", "body"}`` element, serialized once per event and preload set."""
-        key = "el-item:" + variant
-        if packet is not None:
-            key += f":p{packet.id}"
-        cached = event.cache.get(key)
-        if cached is not None:
-            return cached
-        body = event.body()
-        if preload:
-            body = dict(body)
-            if "device" in preload:
-                body["device"] = device_doc(device, preload)
-            if "packet" in preload:
-                body["packet"] = packet_doc(packet, device, preload)
-        out = event.cache[key] = dumps({"event": EVENT_NAMES[event.kind], "body": body})
-        return out
-
-    # -- packets for the `packet` preload -------------------------------------------------
-
-    def packet_deferred(self, tenant: str, packet_id: Any) -> defer.Deferred:
-        cached = self._packets.get(packet_id) if isinstance(packet_id, int) else None
-        if cached is not None:
-            return defer.succeed(cached if cached.tenant == tenant else None)
-        return defer.Deferred.fromCoroutine(self.packet_of(tenant, packet_id))
-
-    async def packet_of(self, tenant: str, packet_id: Any) -> Event | None:
-        if not isinstance(packet_id, int) or isinstance(packet_id, bool):
-            return None
-        event = self._packets.get(packet_id)
-        if event is None:
-            row = await self.store.read(evsql.get, packet_id)
-            if row is None:
-                return None
-            event = Event.from_row(row)
-        if event.tenant != tenant or event.kind != "packet":
-            return None
-        return event
-
-
-def job(ctx: Any, parent: Any) -> Any:
-    """The event sockets job: its service (1001 on stop) and its Klein routes."""
-    from iotd.web import sockets
-
-    factory = ElementFactory(ctx)
-    SocketService("element-ws", factory, on_start=factory.start, on_stop=factory.stop).setServiceParent(parent)
-    ctx.jobs["element"] = factory
-    return lambda app, ctx: sockets.element_routes(app, ctx, factory)

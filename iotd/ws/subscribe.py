@@ -4,7 +4,9 @@ The protocol of unitedrhino iThings (``share/websocket``): after the connect
 reply the client sends ``up.sub`` / ``up.unSub`` / ``up.ping`` and receives
 ``down.pub`` messages for the codes it subscribed to.
 
-One :class:`SubscribeFactory` subscribes to the event bus once.  Its index
+The messages themselves are :mod:`iotd.ws.subscribe_messages`; the route
+is :mod:`iotd.ws.subscribe_job`.  One :class:`SubscribeFactory` subscribes to
+the event bus once.  Its index
 maps ``(tenant, code, selector)`` — a selector being one device identity form
 (``("pd", productID, deviceName)``, ``("pdi", productID, deviceName,
 identifier)``, ``("p", projectID)``, ``("pa", projectID, areaID)``) — to the
@@ -37,98 +39,16 @@ from typing import Any
 from twisted.internet.task import LoopingCall
 
 from iotd.events import Event
-from iotd.registry import id_text
-from iotd.timefmt import parse_iso
-from iotd.ws.base import STATE_OPEN, SocketFactory, SocketProtocol, SocketService, dumps
-
-# code -> (event kind, resource a key needs `read` on)
-CODES = {
-    "devicePropertyReport": ("reading", "readings"),
-    "devicePropertyReportV2": ("reading", "readings"),
-    "devicePublish": ("packet", "packets"),
-    "deviceActionReport": ("action", "commands"),
-    "deviceConn": ("conn", "devices"),
-    "deviceOtaReport": ("ota", "devices"),
-}
-KIND_CODES: dict[str, tuple[str, ...]] = {}
-for _code, (_kind, _) in CODES.items():
-    KIND_CODES.setdefault(_kind, ())
-    KIND_CODES[_kind] += (_code,)
+from iotd.ws.factory import SocketFactory
+from iotd.ws.limits import Limits
+from iotd.ws.protocol import STATE_OPEN, SocketProtocol
+from iotd.ws.subscribe_messages import (CODES, E_NOT_IMPLEMENTED, E_NOT_IMPLEMENTED_MSG, E_PARAM, E_PARAM_MSG,
+                                        E_PERMISSION, E_PERMISSION_MSG, E_TYPE, E_TYPE_MSG, KIND_CODES, OK,
+                                        BadRequest, message, selector)
 
 MAX_SUBSCRIPTIONS = 1000
 PING_EVERY = 10.0
 MISSED_PINGS = 5
-
-OK = "成功"
-E_PARAM, E_PARAM_MSG = 100006, "参数错误"
-E_PERMISSION, E_PERMISSION_MSG = 100012, "权限不足"
-E_TYPE, E_TYPE_MSG = 100014, "参数的类型不对"
-E_NOT_IMPLEMENTED, E_NOT_IMPLEMENTED_MSG = 100018, "尚未实现"
-
-_FORMS = {
-    frozenset(("productID", "deviceName", "identifier")): "pdi",
-    frozenset(("productID", "deviceName")): "pd",
-    frozenset(("projectID",)): "p",
-    frozenset(("projectID", "areaID")): "pa",
-}
-_FORM_KEYS = {"pdi": ("productID", "deviceName", "identifier"), "pd": ("productID", "deviceName"),
-              "p": ("projectID",), "pa": ("projectID", "areaID")}
-
-
-class BadRequest(Exception):
-    def __init__(self, code: int, msg: str):
-        super().__init__(msg)
-        self.code, self.msg = code, msg
-
-
-def selector(code: str, params: Any) -> tuple[str, ...]:
-    """The selector of one ``params`` object; :class:`BadRequest` (100006) if no form fits."""
-    if not isinstance(params, dict):
-        raise BadRequest(E_PARAM, E_PARAM_MSG)
-    given = {k: v for k, v in params.items() if v is not None}
-    form = _FORMS.get(frozenset(given))
-    if form is None or (form == "pdi" and code != "devicePropertyReport"):
-        raise BadRequest(E_PARAM, E_PARAM_MSG)
-    values = []
-    for name in _FORM_KEYS[form]:
-        text = id_text(given[name])
-        if text is None:
-            raise BadRequest(E_PARAM, E_PARAM_MSG)
-        values.append(text)
-    return (form, *values)
-
-
-def ms_of(iso_text: Any, fallback_us: int) -> str:
-    """``timestamp``: milliseconds since the epoch, as a string."""
-    if isinstance(iso_text, str):
-        try:
-            return str(parse_iso(iso_text) // 1000)
-        except (ValueError, OverflowError):
-            pass
-    return str(fallback_us // 1000)
-
-
-def content_text(data: dict[str, Any]) -> str:
-    """``devicePublish.content``: UTF-8 as is, JSON serialized, binary as hex."""
-    payload = data.get("payload")
-    encoding = data.get("payload_encoding")
-    if payload is None:
-        return ""
-    if encoding == "json" or not isinstance(payload, str):
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return payload
-
-
-def identity(device: Any, identifier: str) -> tuple[str, str]:
-    """``(productID, deviceName)`` of an event's device (its identifier for both if unknown)."""
-    if device is None:
-        return identifier, identifier
-    return device.product_id, device.device_name
-
-
-def pub(code: str, body: dict[str, Any]) -> bytes:
-    return dumps({"code": 200, "msg": OK, "type": "down.pub", "path": code, "body": body})
-
 
 class SubscribeSocket(SocketProtocol):
     kind = "subscribe"
@@ -244,25 +164,15 @@ class SubscribeFactory(SocketFactory):
     kind = "subscribe"
     protocol = SubscribeSocket
 
-    def __init__(self, ctx: Any, clock: Any = None):
-        super().__init__(ctx, clock)
-        self.events = ctx.events
-        self.registry = ctx.registry
+    bus_kinds = tuple(KIND_CODES)
+
+    def __init__(self, ctx: Any, limits: Limits, clock: Any = None):
+        super().__init__(ctx, limits, clock)
         # (tenant, code, selector) -> {socket: None}; two tables: keys that see the whole
         # tenant, and group keys (checked per event)
         self._plain: dict[tuple, dict[SubscribeSocket, None]] = {}
         self._limited: dict[tuple, dict[SubscribeSocket, None]] = {}
         self._tenants: dict[str, int] = {}  # subscriptions per tenant, for a quick "nobody"
-        self._sub: Any = None
-
-    def start(self) -> None:
-        if self._sub is None:
-            self._sub = self.events.bus.subscribe(self.on_event, kinds=tuple(KIND_CODES))
-
-    def stop(self) -> None:
-        if self._sub is not None:
-            self._sub.cancel()
-            self._sub = None
 
     # -- the index ------------------------------------------------------------------
 
@@ -340,48 +250,8 @@ class SubscribeFactory(SocketFactory):
         if not plain and not limited:
             return
         key = code if identifier is None else f"{code}:{identifier}"
-        frame = self.prepared(event, "sub:" + key, lambda e: self.message(e, device, code, identifier))
+        frame = self.prepared(event, "sub:" + key, lambda e: message(e, device, code, identifier))
         if plain:
             self.broadcast(event.kind, frame, plain)
         if limited and device is not None:
             self.broadcast(event.kind, frame, [s for s in limited if s.key.sees(device)])
-
-    def message(self, event: Event, device: Any, code: str, identifier: str | None) -> bytes:
-        """The ``down.pub`` message of ``code`` for ``event`` (built once per event)."""
-        product, name = identity(device, event.device)
-        data = event.data
-        who = {"productID": product, "deviceName": name}
-        if code == "devicePropertyReport":
-            body = {"device": who, "timestamp": ms_of(data.get("measured_at"), event.inserted_us),
-                    "identifier": identifier, "param": data["data"][identifier]}
-        elif code == "devicePropertyReportV2":
-            body = {"device": who, "timestamp": ms_of(data.get("measured_at"), event.inserted_us),
-                    "params": data.get("data")}
-        elif code == "devicePublish":
-            action = data.get("packet_type")
-            body = {"productID": product, "deviceName": name, "content": content_text(data),
-                    "topic": data.get("interface_id") or "",
-                    "action": action if action in ("up", "down") else "up",
-                    "timestamp": ms_of(data.get("transceived_at"), event.inserted_us),
-                    "requestID": str(event.id), "traceID": "", "resultCode": 200, "respPayload": ""}
-        elif code == "deviceActionReport":
-            body = {"device": who, "msgToken": str(data.get("msgToken", "")),
-                    "timestamp": str(event.inserted_us // 1000), "actionID": data.get("actionID", ""),
-                    "params": data.get("params"), "code": data.get("code", 200), "msg": data.get("msg", ""),
-                    "dir": data.get("dir", "down"), "reqType": data.get("reqType", "req")}
-        elif code == "deviceConn":
-            body = {"device": who, "timestamp": str(event.inserted_us // 1000), "status": data.get("status")}
-        else:  # deviceOtaReport
-            body = {"device": who, "timestamp": str(event.inserted_us // 1000), "status": data.get("status"),
-                    "detail": data.get("detail", ""), "step": data.get("step")}
-        return pub(code, body)
-
-
-def job(ctx: Any, parent: Any) -> Any:
-    """The subscriptions job: its service (1001 on stop) and its Klein route."""
-    from iotd.web import sockets
-
-    factory = SubscribeFactory(ctx)
-    SocketService("subscribe-ws", factory, on_start=factory.start, on_stop=factory.stop).setServiceParent(parent)
-    ctx.jobs["subscribe"] = factory
-    return lambda app, ctx: sockets.subscribe_routes(app, ctx, factory)

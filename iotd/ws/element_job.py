@@ -1,0 +1,90 @@
+"""The event sockets job: its service and its eight Klein routes.
+
+Each route checks the key and the URL first and answers any error as JSON
+(before the upgrade, :mod:`iotd.ws.upgrade`); only then does it return the
+Autobahn ``WebSocketResource`` (through
+:meth:`iotd.ws.factory.SocketFactory.upgrade`), which takes the connection
+over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.application import service
+
+from iotd import errors
+from iotd.context import Context
+from iotd.request import arg
+from iotd.ws.element import ElementFactory
+from iotd.ws.element_format import parse_after, parse_preload
+from iotd.ws.factory import SocketService
+from iotd.ws.limits import Limits
+from iotd.ws.upgrade import still_valid, upgrade_key
+
+URLS = {
+    # scope -> URL prefix (the target, if any, is the <target> part)
+    "device": "/api/v1/devices/<target>",
+    "tag": "/api/v1/tags/<target>",
+    "stream": "/api/v1/streams/<target>",
+    "mandate": "/api/v1",
+}
+PARTS = {"packets": ("packet", "packets"), "readings": ("reading", "readings")}
+
+
+def routes(app: Klein, ctx: Context, factory: ElementFactory) -> None:
+    async def element_socket(request: Any, scope: str, part: str, target: str | None) -> Any:
+        kind, resource = PARTS[part]
+        key = upgrade_key(ctx, request)
+        if key is None:
+            raise errors.Unauthorized("a valid API key is required")
+        if not key.allows(resource, "read"):
+            raise errors.Forbidden(f"this key lacks {resource}:read")
+        tenant = key.tenant
+        if scope == "mandate":
+            if key.role not in ("admin", "read_only"):
+                raise errors.Forbidden("tenant-wide sockets need an admin or read_only key")
+            target = ""
+        elif scope == "device":
+            device = ctx.registry.get(tenant, target)
+            if device is None:
+                raise errors.NotFound(f"no device {target!r}")
+            if not key.sees(device):
+                raise errors.Forbidden(f"this key may not read device {device.identifier}")
+            target = device.identifier
+        elif scope == "tag":
+            if key.limited and target not in key.groups:
+                raise errors.Forbidden(f"tag {target!r} is not one of this key's groups")
+            if not ctx.registry.has_tag(tenant, target):
+                raise errors.NotFound(f"no tag {target!r}")
+        elif ctx.registry.stream(tenant, target) is None:
+            raise errors.NotFound(f"no stream {target!r}")
+        preload = parse_preload(arg(request, "preload"), kind)
+        after = arg(request, "after")
+        after_id = None
+        if after is not None:
+            after_id = await ctx.events.id_at(parse_after(after))
+            still_valid(ctx, request)  # revoked or expired while we looked
+
+        def setup(sock: Any) -> None:
+            sock.configure(tenant, kind, scope, target, preload, after_id)
+
+        return factory.upgrade(request, key, setup)
+
+    for scope, prefix in URLS.items():
+        for part in PARTS:
+            path = f"{prefix}/{part}/socket"
+            endpoint = f"ws_{scope}_{part}"
+            if scope == "mandate":
+                handler = (lambda request, _s=scope, _p=part: element_socket(request, _s, _p, None))
+            else:
+                handler = (lambda request, target, _s=scope, _p=part: element_socket(request, _s, _p, target))
+            app.route(path, methods=["GET"], endpoint=endpoint)(handler)
+
+
+def job(ctx: Context, parent: service.MultiService, limits: Limits) -> Any:
+    """The event sockets' service (1001 on stop) and the routes that upgrade to them."""
+    factory = ElementFactory(ctx, limits)
+    SocketService("element-ws", factory).setServiceParent(parent)
+    return lambda app, ctx: routes(app, ctx, factory)

@@ -1,0 +1,237 @@
+"""What both websocket kinds (event sockets, subscriptions) share: the factory and its service.
+
+* :class:`SocketFactory` — one per kind.  It subscribes to the event bus once
+  (:meth:`SocketFactory.start`, the kinds' :meth:`~SocketFactory.on_event`
+  routes each event), keeps every open socket, closes a revoked key's sockets
+  with 4401 and every socket with 1001 on shutdown, and counts connections in
+  ``/metrics``.
+* :meth:`SocketFactory.upgrade` — the last step of a Klein route that has
+  already checked the key and the URL (:mod:`iotd.ws.upgrade`): it refuses
+  with 503 when the ``[websocket]`` connection caps (:class:`~iotd.ws.limits.Limits`,
+  shared by both kinds) are reached, then returns the Autobahn
+  :class:`WebSocketResource` that takes the connection over.
+* :meth:`SocketFactory.prepared` / :meth:`SocketFactory.broadcast` — an event
+  is serialized and framed once (``Event.encoded`` + ``prepareMessage``) and
+  the same bytes are written to every socket that wants it.
+* Origins: any ``Origin`` is accepted (``null`` and ``file://`` included: pages
+  opened from disk, sandboxed iframes, WebViews); the key authenticates and
+  there are no cookies to ride on.  The route has checked the request, so the
+  ``Origin`` header is taken out before Autobahn re-reads the handshake (its
+  origin check refuses ``null`` and host-less origins).
+* :class:`SocketService` — the kind's child service (start: subscribe; stop:
+  1001 to every socket, then unsubscribe).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.application import service
+from twisted.internet import defer
+
+from iotd import errors, metrics
+from iotd.context import Context
+from iotd.logs import Logger
+from iotd.request import header
+from iotd.ws.limits import Limits, peer_host
+from iotd.ws.protocol import FLUSH_FANOUT, MAX_MESSAGE, STATE_OPEN, SocketProtocol
+
+SHUTDOWN_GRACE = 2.0  # seconds stopService waits for close handshakes
+_connection_ids = itertools.count(1)  # unique per daemon, shared by both kinds
+
+
+class _Bound:
+    """What :class:`WebSocketResource` needs of a factory, with one request's state."""
+
+    def __init__(self, factory: "SocketFactory", key: Any, host: str, setup: Callable[[Any], None]):
+        self._factory, self._key, self._host, self._setup = factory, key, host, setup
+
+    def buildProtocol(self, addr: Any) -> SocketProtocol:
+        proto = self._factory.buildProtocol(addr)
+        proto.key = self._key
+        proto.host = self._host
+        self._setup(proto)
+        return proto
+
+
+class SocketFactory(WebSocketServerFactory):
+    """One per socket kind: options, open sockets, caps, revocation, shutdown."""
+
+    log = Logger()
+    kind = "websocket"
+
+    bus_kinds: tuple[str, ...] = ()  # the event kinds :meth:`on_event` gets
+
+    def __init__(self, ctx: Context, limits: Limits, clock: Any = None):
+        super().__init__(reactor=ctx.reactor)
+        self.setProtocolOptions(
+            maxMessagePayloadSize=MAX_MESSAGE,
+            maxFramePayloadSize=MAX_MESSAGE,
+            failByDrop=False,  # an oversized message gets a 1009 close frame
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=1,
+            autoPingInterval=0,
+            webStatus=False,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+        self.ctx = ctx
+        self.clock = clock if clock is not None else ctx.reactor
+        self.max_buffer = ctx.config.websocket.max_buffer_bytes
+        self.events = ctx.events
+        self.registry = ctx.registry
+        self.limits = limits
+        self.sockets: set[SocketProtocol] = set()
+        self._by_key: dict[str, set[SocketProtocol]] = {}
+        self.stopping = False
+        self._drained: list[defer.Deferred] = []
+        self.gauge = metrics.ws_connections.labels(self.kind)
+        self.slow_dropped = metrics.ws_slow_dropped.labels(self.kind)
+        self._delivered: dict[str, Any] = {}
+        self._sub: Any = None
+        ctx.keys.add_revoke_listener(self.key_revoked)
+
+    # -- the event bus ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Subscribe :meth:`on_event` to the bus (once, for every socket of the kind)."""
+        if self._sub is None:
+            self._sub = self.events.bus.subscribe(self.on_event, kinds=self.bus_kinds)
+
+    def stop(self) -> None:
+        if self._sub is not None:
+            self._sub.cancel()
+            self._sub = None
+
+    def on_event(self, event: Any) -> None:
+        """One published event of :attr:`bus_kinds` (the kinds route it to their sockets)."""
+
+    # -- the upgrade ------------------------------------------------------------
+
+    def upgrade(self, request: Any, key: Any, setup: Callable[[Any], None]) -> WebSocketResource:
+        """The resource that upgrades ``request`` (checked by the caller) to a socket.
+
+        Raises 503 when the daemon stops or a connection cap is reached, 426
+        when the request is no websocket upgrade at all.
+        """
+        upgrade = (header(request, "upgrade") or "").lower()
+        if "websocket" not in upgrade:
+            raise errors.ApiError("this URL is a websocket: send an Upgrade: websocket request",
+                                  code="upgrade_required", status=426)
+        if self.stopping:
+            raise errors.Unavailable("iotd is shutting down")
+        host = peer_host(request)
+        self.limits.check(host)
+        for name in (b"origin", b"sec-websocket-origin"):  # any Origin is fine (module docstring)
+            request.requestHeaders.removeHeader(name)
+        return WebSocketResource(_Bound(self, key, host, setup))
+
+    def buildProtocol(self, addr: Any) -> SocketProtocol:
+        proto = super().buildProtocol(addr)
+        proto.conn_id = next(_connection_ids)
+        return proto
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def _register(self, proto: SocketProtocol) -> None:
+        self.sockets.add(proto)
+        self.limits.add(proto.host)
+        self.gauge.inc()
+
+    def _opened(self, proto: SocketProtocol) -> None:
+        self._by_key.setdefault(proto.key.id, set()).add(proto)
+
+    def _unregister(self, proto: SocketProtocol) -> None:
+        self.sockets.discard(proto)
+        self.limits.remove(proto.host)
+        self.gauge.dec()
+        mine = self._by_key.get(proto.key.id)
+        if mine is not None:
+            mine.discard(proto)
+            if not mine:
+                del self._by_key[proto.key.id]
+        self.log.info("websocket {conn} ({kind}) closed", conn=proto.conn_id, kind=self.kind)
+        if not self.sockets and self._drained:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def key_revoked(self, key_id: str) -> None:
+        for proto in list(self._by_key.get(key_id, ())):
+            proto.close(4401, "key revoked")
+
+    # -- one serialization and one frame per event ------------------------------
+
+    def prepared(self, event: Any, key: str, make: Callable[[Any], bytes]) -> Any:
+        """``make(event)`` serialized and framed once per event for every socket."""
+        frame = event.cache.get(key)
+        if frame is None:
+            frame = event.cache[key] = self.prepareMessage(event.encoded("json:" + key, make))
+        return frame
+
+    def broadcast(self, event_kind: str, prepared: Any, sockets: Iterable[SocketProtocol]) -> int:
+        """Write one prepared frame to each open socket; returns how many got it."""
+        sent = 0
+        sockets = tuple(sockets)  # a socket may leave its set while we write
+        for proto in sockets:
+            if proto.state == STATE_OPEN:
+                proto.sendPreparedMessage(prepared)
+                sent += 1
+        if sent:
+            self.delivered(event_kind, sent)
+            if sent <= FLUSH_FANOUT:
+                for proto in sockets:
+                    proto.flush()
+        return sent
+
+    def delivered(self, event_kind: str, count: int = 1) -> None:
+        counter = self._delivered.get(event_kind)
+        if counter is None:
+            counter = self._delivered[event_kind] = metrics.events_delivered.labels(event_kind)
+        counter.inc(count)
+
+    # -- shutdown ---------------------------------------------------------------
+
+    def shutdown(self) -> defer.Deferred:
+        """Close every socket with 1001; fires when all are gone (at most a grace period)."""
+        self.stopping = True
+        if not self.sockets:
+            return defer.succeed(None)
+        done: defer.Deferred = defer.Deferred()
+        self._drained.append(done)
+        self.log.info("closing {count} {kind} websockets: shutting down", count=len(self.sockets), kind=self.kind)
+        for proto in list(self.sockets):
+            proto.close(1001, "going away")
+
+        def overdue():
+            for proto in list(self.sockets):
+                proto.close(1001, "going away", abort=True)
+            if not done.called:
+                done.callback(None)
+
+        call = self.ctx.reactor.callLater(SHUTDOWN_GRACE, overdue)
+        done.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        return done
+
+
+class SocketService(service.Service):
+    """A kind's child service: it starts the factory's bus subscription; stopping it
+    closes the kind's websockets with 1001 and ends the subscription."""
+
+    def __init__(self, name: str, factory: SocketFactory):
+        self.name = name
+        self.factory = factory
+
+    def startService(self) -> None:
+        super().startService()
+        self.factory.stopping = False
+        self.factory.start()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        d = self.factory.shutdown()
+        d.addBoth(lambda r: (self.factory.stop(), r)[1])
+        return d
+
