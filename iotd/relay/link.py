@@ -23,6 +23,7 @@ counters themselves are read-only.  Whoever keeps track of links (the
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from operator import attrgetter
 from typing import Any, Callable, ClassVar
 
 import attrs
@@ -81,33 +82,13 @@ class Link:
 
     # -- read-only counters ------------------------------------------------
 
-    @property
-    def bytes_up(self) -> int:
-        return self._bytes_up
-
-    @property
-    def bytes_down(self) -> int:
-        return self._bytes_down
-
-    @property
-    def datagrams_up(self) -> int:
-        return self._datagrams_up
-
-    @property
-    def datagrams_down(self) -> int:
-        return self._datagrams_down
-
-    @property
-    def refused(self) -> int:
-        return self._refused
-
-    @property
-    def dropped(self) -> int:
-        return self._dropped
-
-    @property
-    def last_activity(self) -> float:
-        return self._last_activity
+    bytes_up = property(attrgetter("_bytes_up"))
+    bytes_down = property(attrgetter("_bytes_down"))
+    datagrams_up = property(attrgetter("_datagrams_up"))
+    datagrams_down = property(attrgetter("_datagrams_down"))
+    refused = property(attrgetter("_refused"))
+    dropped = property(attrgetter("_dropped"))
+    last_activity = property(attrgetter("_last_activity"))
 
     # -- set up by the manager ---------------------------------------------
 

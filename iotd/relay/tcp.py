@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from iotd import metrics
 from iotd.relay.addresses import DevicePolicy, resolve
 from iotd.relay.ctr import Transform, stream_transform
+from iotd.relay.relay import Relay
 from iotd.relay.tcp_sides import BUFFER_SIZE, ClientSide, DeviceSide, ListeningFactory, Side, eager_writer
 
 if TYPE_CHECKING:
@@ -70,26 +71,15 @@ _TRANSITIONS = {
 }
 
 
-class TCPRelay:
+class TCPRelay(Relay):
     """The sockets of one TCP link; ``Link`` owns the timers and the bookkeeping."""
 
     log = Logger()
 
-    def __init__(
-        self,
-        link: Link,
-        reactor: Any,
-        interface: str,
-        key: bytes | None,
-        iv: bytes | None,
-        *,
-        connect_timeout: float,
-        policy: DevicePolicy | None = None,
-    ) -> None:
-        self.link = link
-        self.reactor = reactor
+    def __init__(self, link: Link, reactor: Any, interface: str, key: bytes | None, iv: bytes | None, *,
+                 connect_timeout: float, policy: DevicePolicy | None = None) -> None:
+        super().__init__(link, reactor, interface)
         self.clock = link.clock
-        self.interface = interface
         self.connect_timeout = connect_timeout
         self.policy = policy if policy is not None else DevicePolicy()
         if key is not None and iv is not None:
@@ -171,16 +161,15 @@ class TCPRelay:
 
     def _refuse(self, addr: Any, reason: str) -> None:
         metrics.link_failures.labels(reason).inc()
-        self.log.info(
-            "link {token} ({protocol} port {port}, device {device}) refused client {client}: {reason}",
-            token=self.link.token[:6],
-            protocol="tcp",
-            port=self.link.port,
-            device=self.link.device,
-            client=f"{addr.host}:{addr.port}",
-            reason=reason,
-        )
+        self._log_link(self.log.info, "refused client {client}: {reason}",
+                       client=f"{addr.host}:{addr.port}", reason=reason)
         return None
+
+    def _log_link(self, level: Any, text: str, **fields: Any) -> None:
+        """One log line about this link: its token prefix, port and device first."""
+        link = self.link
+        level("link {token} ({protocol} port {port}, device {device}) " + text,
+              token=link.token[:6], protocol="tcp", port=link.port, device=link.device, **fields)
 
     def client_connected(self, client: ClientSide) -> None:
         transport = client.transport
@@ -220,17 +209,9 @@ class TCPRelay:
         if self._dial_timer is not None and self._dial_timer.active():
             self._dial_timer.cancel()
         metrics.link_failures.labels("refused_address").inc()
-        self.log.warn(
-            "link {token} ({protocol} port {port}, device {device}) refused to connect to "
-            "{device_host} ({addresses}): {rule}",
-            token=self.link.token[:6],
-            protocol="tcp",
-            port=self.link.port,
-            device=self.link.device,
-            device_host=self.link.device_host,
-            addresses=", ".join(addresses),
-            rule=self.policy.rule(),
-        )
+        self._log_link(self.log.warn, "refused to connect to {device_host} ({addresses}): {rule}",
+                       device_host=self.link.device_host, addresses=", ".join(addresses),
+                       rule=self.policy.rule())
         self.link.close("refused_address")
 
     def _dial_timeout(self) -> None:
@@ -246,18 +227,9 @@ class TCPRelay:
             self._dial_timer.cancel()
         reason = "connect_timeout" if self._dial_timed_out else "connect_failed"
         metrics.link_failures.labels(reason).inc()
-        self.log.warn(
-            "link {token} ({protocol} port {port}, device {device}) cannot reach "
-            "{device_host}:{device_port}: {reason} ({error})",
-            token=self.link.token[:6],
-            protocol="tcp",
-            port=self.link.port,
-            device=self.link.device,
-            device_host=self.link.device_host,
-            device_port=self.link.device_port,
-            reason=reason,
-            error=failure.getErrorMessage(),
-        )
+        self._log_link(self.log.warn, "cannot reach {device_host}:{device_port}: {reason} ({error})",
+                       device_host=self.link.device_host, device_port=self.link.device_port,
+                       reason=reason, error=failure.getErrorMessage())
         self.link.close(reason)
         return None
 

@@ -19,7 +19,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+from typing import Protocol as Interface
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -27,9 +28,20 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from iotd.relay.ctr import Transform
+from iotd.relay.link import Link
 
-if TYPE_CHECKING:
-    from iotd.relay.tcp import TCPRelay
+
+class TCPRelay(Interface):
+    """What the sides tell their relay (:class:`iotd.relay.tcp.TCPRelay`)."""
+
+    link: Link
+
+    def accept(self, addr: Any) -> ClientSide | None: ...
+    def client_connected(self, client: ClientSide) -> None: ...
+    def device_connected(self, device: DeviceSide) -> None: ...
+    def read_ended(self, side: Side) -> None: ...
+    def write_ended(self, side: Side) -> None: ...
+    def side_lost(self, side: Side) -> None: ...
 
 
 # Read size and queue limit of both transports (Twisted's default is 64 KiB;

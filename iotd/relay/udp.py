@@ -34,6 +34,7 @@ from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
 
 from iotd.relay.ctr import Transform, datagram_transform
+from iotd.relay.relay import Relay
 
 if TYPE_CHECKING:
     from iotd.relay.link import Link
@@ -88,22 +89,13 @@ class _DeviceDatagrams(_Datagrams):
         self.link.datagram_dropped()
 
 
-class UDPRelay:
+class UDPRelay(Relay):
     """The sockets of one UDP link; ``Link`` owns the timers and the bookkeeping."""
 
-    def __init__(
-        self,
-        link: Link,
-        reactor: Any,
-        interface: str,
-        key: bytes | None,
-        iv: bytes | None,
-    ) -> None:
+    def __init__(self, link: Link, reactor: Any, interface: str, key: bytes | None, iv: bytes | None) -> None:
         if not (isIPAddress(link.device_host) or isIPv6Address(link.device_host)):
             raise ValueError(f"UDP device host must be an IP address, got {link.device_host!r}")
-        self.link = link
-        self.reactor = reactor
-        self.interface = interface
+        super().__init__(link, reactor, interface)
         self.transform: Transform | None = (
             datagram_transform(key, iv) if key is not None and iv is not None else None
         )
@@ -144,8 +136,3 @@ class UDPRelay:
             )
             self._closed.addCallback(lambda _: None)
         return self._closed
-
-    def buffered(self) -> int:
-        """UDP never queues in userspace."""
-        return 0
-
