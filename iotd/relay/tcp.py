@@ -105,9 +105,6 @@ class TCPRelay(Relay):
         """Bind the link's port; raises ``CannotListenError`` if it is taken."""
         self._port = self.reactor.listenTCP(port, ListeningFactory(self), interface=self.interface)
 
-    def start(self) -> None:
-        """Nothing to do until a client connects."""
-
     def shutdown(self, abort: bool = True) -> defer.Deferred[Any]:
         """Close both connections, stop listening; fires when all sockets are closed.
 
