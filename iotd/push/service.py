@@ -329,7 +329,8 @@ class CommandService(service.Service):
         """
         outcome = parse_result(raw)
         key = (device.tenant, device.identifier)
-        d = self._events.transact(tx.complete, key[0], key[1], outcome, micros_of(self._clock.seconds()))
+        d = self._events.transact(tx.complete, key[0], key[1], outcome, micros_of(self._clock.seconds()),
+                                  size=len(raw))
         d.addCallbacks(self._completed, self._then_failed, callbackArgs=(key, endpoint, fn, args),
                        errbackArgs=(fn, args))
         self._track(d)
