@@ -17,43 +17,26 @@ with work is one transaction.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
-from iotd import errors, metrics
+from iotd import errors
 from iotd.logs import Logger
 from iotd.push import transactions as tx
 from iotd.push.command import Command
 from iotd.push.pending import Pending
+from iotd.push.polls import Polls
 from iotd.push.presence import Presence
-from iotd.push.results import parse_result
-from iotd.push.state import STATES
 from iotd.push.sweeps import Sweeps
+from iotd.push.tally import Tally
 from iotd.push.waiters import Waiters
 from iotd.push.work import REFRESH_EVERY, Refresher, Work
 from iotd.store import commands as cmdsql
 from iotd.timefmt import micros_of
 
 MAX_ID = 2**63 - 1
-
-# metric children bound once (labels() costs a lock and a lookup per call)
-_transitions = {s: metrics.commands.labels(s) for s in STATES}
-_in_state = {s: metrics.commands_by_state.labels(s) for s in STATES}
-_polls = {o: metrics.polls.labels(o) for o in ("idle", "busy", "command")}
-_results = {o: metrics.results.labels(o) for o in ("done", "failed", "malformed", "orphan")}
-_idle = _polls["idle"]
-
-Then = Callable[..., Any]  # fn(failure_or_None, command_or_None, *args), after the commit
-
-
-def _fire(failure: Failure | None, cmd: Command | None, d: defer.Deferred) -> None:
-    if failure is not None:
-        d.errback(failure)
-    else:
-        d.callback(cmd)
 
 
 class CommandService(service.Service):
@@ -71,13 +54,21 @@ class CommandService(service.Service):
         self.command_timeout = float(config.command_timeout)
         self.max_attempts = int(config.max_attempts)
         self._pending = Pending()
+        self.tally = Tally()
         self.work = Work()
         self.presence = Presence(registry, events, clock, float(config.offline_after), self._pending)
         self.waiters = Waiters(clock, self.get)
+        self.polls = Polls(events, clock, self.work, self.tally, self.waiters, self._pending,
+                           self.command_timeout, self.max_attempts)
         self.sweeps = Sweeps(store, clock, self._pending, self.presence, self.command_timeout,
-                             self.max_attempts, self._give_up)
+                             self.max_attempts, self.polls.give_up)
+        self.polls.last_attempt_sent = self.sweeps.last_attempt_sent
         self.refresher = Refresher(store, clock, self.work, self._pending, self._refreshed, refresh_every)
-        self._counts: dict[str, int] = {s: 0 for s in STATES}
+        # The device side, bound once (the idle poll is one call): see iotd.push.polls.
+        self.hand_out_then = self.polls.hand_out_then
+        self.hand_out = self.polls.hand_out
+        self.complete_then = self.polls.complete_then
+        self.complete = self.polls.complete
         self.ready = False
         self.load_failed = False
         self._ready_waiters: list[defer.Deferred] = []
@@ -97,12 +88,10 @@ class CommandService(service.Service):
             self._ready_waiters = []
             raise
         self.work.merge((tenant, device) for _, tenant, device, _ in rows)
-        for state in STATES:
-            self._counts[state] = counts.get(state, 0)
-            _in_state[state].set(self._counts[state])
+        self.tally.load(counts)
         self.ready = True
         self.log.info("command queue loaded: {queued} queued, {sent} sent",
-                      queued=self._counts["queued"], sent=self._counts["sent"])
+                      queued=self.tally.counts["queued"], sent=self.tally.counts["sent"])
         if self.running:
             await self._start_timers()  # (the first sweep: last attempts that timed out while stopped)
         waiters, self._ready_waiters = self._ready_waiters, []
@@ -146,19 +135,9 @@ class CommandService(service.Service):
     def _track(self, d: defer.Deferred) -> defer.Deferred:
         return self._pending.track(d)
 
-    def _count(self, old: str | None, new: str) -> None:
-        if old is not None:
-            self._counts[old] -= 1
-            _in_state[old].dec()
-        self._counts[new] += 1
-        _in_state[new].inc()
-        _transitions[new].inc()
-
     def _refreshed(self, rows: list[tuple[int, str, str, str]]) -> None:
         """The periodic read of unfinished commands: gauges, and waiters finished elsewhere."""
-        for state in ("queued", "sent"):
-            self._counts[state] = sum(1 for r in rows if r[3] == state)
-            _in_state[state].set(self._counts[state])
+        self.tally.unfinished(rows)
         waited = self.waiters.ids()
         if waited:
             for cid in waited - {r[0] for r in rows}:
@@ -189,7 +168,7 @@ class CommandService(service.Service):
 
     def _created(self, value: tuple[Command, list]) -> Command:
         cmd = value[0]
-        self._count(None, "queued")
+        self.tally.moved(None, "queued")
         self.work.add(cmd.key)
         return cmd
 
@@ -234,7 +213,7 @@ class CommandService(service.Service):
         finished = value[0]
         cmd = finished.command
         if cmd is not None:
-            self._count("queued", cmd.status)
+            self.tally.moved("queued", cmd.status)
             self.work.settled(cmd.key, finished.remaining)
             self.waiters.finished(cmd)
         return finished
@@ -259,7 +238,7 @@ class CommandService(service.Service):
     def _device_cancelled(self, value: tuple[tuple[list[int], bool], list], key: tuple[str, str]) -> None:
         ids, remaining = value[0]
         for _ in ids:
-            self._count("queued", "cancelled")
+            self.tally.moved("queued", "cancelled")
         self.work.settled(key, remaining)
         for cid in set(ids) & self.waiters.ids():
             self._wake_if_finished(cid)
@@ -270,118 +249,6 @@ class CommandService(service.Service):
         """A poll or result from ``device``: lastSeen/lastAddress, online, conn event."""
         self.presence.seen(device, address)
 
-    def hand_out_then(self, device: Any, fn: Then, *args: Any) -> bool:
-        """``GET /push``: False when the device has no work (answered from memory: empty).
-
-        True: ``fn(failure_or_None, command_or_None, *args)`` runs once the
-        hand-out transaction committed (the command is its answer; None: empty).
-        """
-        key = (device.tenant, device.identifier)
-        if key not in self.work.devices:
-            _idle.inc()
-            return False
-        d = self._events.transact(tx.hand_out, key[0], key[1], self._clock.seconds(), self.command_timeout,
-                                  self.max_attempts)
-        d.addCallbacks(self._handed_out, self._then_failed, callbackArgs=(key, fn, args), errbackArgs=(fn, args))
-        self._track(d)
-        return True
-
-    def hand_out(self, device: Any) -> defer.Deferred:
-        """As :meth:`hand_out_then`: a Deferred firing with the command handed out, or None."""
-        d: defer.Deferred = defer.Deferred()
-        if not self.hand_out_then(device, _fire, d):
-            d.callback(None)
-        return d
-
-    def _handed_out(self, value: tuple[tx.HandOut, list], key: tuple[str, str], fn: Then, args: tuple) -> None:
-        result = value[0]
-        for cmd in result.gave_up:
-            self._gave_up_done(cmd)
-        self.work.settled(key, result.remaining)
-        cmd = result.command
-        if cmd is None:
-            _polls["busy" if result.busy else "idle"].inc()
-        else:
-            _polls["command"].inc()
-            if cmd.attempts == 1:
-                self._count("queued", "sent")
-            else:
-                _transitions["sent"].inc()
-                self.log.info("command {id} to {device}: no result after {timeout} s, sending again",
-                              id=cmd.id, device=cmd.device, timeout=self.command_timeout)
-            if cmd.attempts >= self.max_attempts:
-                self.sweeps.last_attempt_sent(cmd.sent_at)
-        self._call(fn, None, cmd, args)
-
-    def _then_failed(self, failure: Failure, fn: Then, args: tuple) -> None:
-        self._call(fn, failure, None, args)
-
-    def _call(self, fn: Then, failure: Failure | None, cmd: Command | None, args: tuple) -> None:
-        try:
-            fn(failure, cmd, *args)
-        except Exception:
-            self.log.failure("push: after-commit callback failed")
-
-    def complete_then(self, device: Any, raw: bytes, endpoint: str | None, fn: Then, *args: Any) -> None:
-        """``POST /result``: ``fn(failure_or_None, finished_command_or_None, *args)`` after the commit.
-
-        None: an orphan (no command of the device was waiting for a result; nothing stored).
-        """
-        outcome = parse_result(raw)
-        key = (device.tenant, device.identifier)
-        d = self._events.transact(tx.complete, key[0], key[1], outcome, micros_of(self._clock.seconds()),
-                                  size=len(raw))
-        d.addCallbacks(self._completed, self._then_failed, callbackArgs=(key, endpoint, fn, args),
-                       errbackArgs=(fn, args))
-        self._track(d)
-
-    def complete(self, device: Any, raw: bytes, endpoint: str | None = None) -> defer.Deferred:
-        """As :meth:`complete_then`: a Deferred firing with the finished command, or None (orphan)."""
-        d: defer.Deferred = defer.Deferred()
-        self.complete_then(device, raw, endpoint, _fire, d)
-        return d
-
-    def _completed(self, value: tuple[tx.Finished, list], key: tuple[str, str], endpoint: str | None,
-                   fn: Then, args: tuple) -> None:
-        finished = value[0]
-        self.work.settled(key, finished.remaining)
-        cmd = finished.command
-        if cmd is None:
-            _results["orphan"].inc()
-            self.log.info("result from {device} with no command waiting for it (orphan)", device=key[1])
-        else:
-            if endpoint is not None and endpoint != cmd.endpoint:
-                self.log.warn("result from {device} names endpoint {got!r} but command {id} is {want!r}",
-                              device=key[1], got=endpoint[:200], id=cmd.id, want=cmd.endpoint)
-            if cmd.status == "done":  # (no log line: the action event records it)
-                _results["done"].inc()
-            elif cmd.error.startswith("malformed result"):
-                _results["malformed"].inc()
-                self.log.warn("malformed result from {device} for command {id}: {error}",
-                              device=key[1], id=cmd.id, error=cmd.error)
-            else:
-                _results["failed"].inc()
-                self.log.info("command {id} to {device} failed: {error}", id=cmd.id, device=cmd.device,
-                              error=cmd.error[:200])
-            self._count("sent", cmd.status)
-            self.waiters.finished(cmd)
-        self._call(fn, None, cmd, args)
-
-    # -- the sweep's give-up ----------------------------------------------------
-
-    def _give_up(self, command_id: int, attempts: int, sent_us: int) -> defer.Deferred:
-        d = self._events.transact(tx.give_up, command_id, attempts, sent_us, micros_of(self._clock.seconds()))
-        d.addCallback(self._given_up)
-        return self._track(d)
-
-    def _given_up(self, value: tuple[tx.Finished, list]) -> None:
-        finished = value[0]
-        if finished.command is not None:
-            self._gave_up_done(finished.command)
-            self.work.settled(finished.command.key, finished.remaining)
-
-    def _gave_up_done(self, cmd: Command) -> None:
-        self.log.info("command {id} to {device} failed: no result after {n} attempts",
-                      id=cmd.id, device=cmd.device, n=cmd.attempts)
-        self._count("sent", "failed")
-        self.waiters.finished(cmd)
+    # hand_out_then(device, fn, *args) -> bool, hand_out(device) -> Deferred,
+    # complete_then(device, raw, endpoint, fn, *args), complete(device, raw, endpoint) -> Deferred:
+    # bound in __init__ from iotd.push.polls.Polls.
