@@ -270,10 +270,27 @@ class EventLog:
         d.addCallback(self.committed)
         return await d
 
-    def committed(self, rows: list[evsql.Row]) -> list[Event]:
-        """Publish rows that ``evsql.insert`` wrote inside a transaction that has now committed.
+    def transact(self, fn: Callable[..., tuple[Any, list]], *args: Any, size: int = 0) -> defer.Deferred:
+        """One store write that changes a job's own tables and appends the events of that change.
 
-        For jobs that commit events together with their own changes (push)."""
+        ``fn(conn, *args)`` returns ``(result, items)``; ``items`` (``(tenant, kind,
+        device, data)``, possibly none) are inserted in the same transaction, so the
+        change and its events commit together or not at all.  After the commit the
+        events are published on the bus (in commit order, as :meth:`append`
+        does); the Deferred fires with ``(result, events)``.  For jobs whose
+        changes are events too (push: a command's send and finish)."""
+        d = self.store.write(_transact, fn, args, size=size)
+        d.addCallback(self._transacted)
+        return d
+
+    def _transacted(self, value: tuple[Any, list[evsql.Row]]) -> tuple[Any, list[Event]]:
+        result, rows = value
+        if not rows:
+            return result, []
+        return result, self.committed(rows)
+
+    def committed(self, rows: list[evsql.Row]) -> list[Event]:
+        """Publish rows that ``evsql.insert`` wrote inside a transaction that has now committed."""
         events = [Event.from_row(r) for r in rows]
         self.bus.publish(events)
         return events
@@ -302,6 +319,12 @@ class EventLog:
 
     async def prune(self, before_us: int) -> int:
         return await self.store.write(evsql.prune, before_us)
+
+
+def _transact(conn: Any, fn: Callable[..., tuple[Any, list]], args: tuple) -> tuple[Any, list[evsql.Row]]:
+    """(store writer) ``fn``'s change and the insert of its events, in one transaction."""
+    result, items = fn(conn, *args)
+    return result, (evsql.insert(conn, items) if items else [])
 
 
 def dumps(value: Any) -> str:

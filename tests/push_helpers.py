@@ -98,9 +98,14 @@ def _decode(content: bytes) -> Any:
         return content
 
 
+def push_service(daemon: Daemon):
+    """The daemon's command service (the service tree's child named ``push``)."""
+    return daemon.top.getServiceNamed("push")
+
+
 async def settle(daemon: Daemon) -> None:
     """Every write the push service issued so far is committed."""
-    await daemon.ctx.jobs["push"].settle()
+    await push_service(daemon).settle()
 
 
 class LogLines:

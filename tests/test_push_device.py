@@ -23,6 +23,7 @@ from push_helpers import (  # noqa: F401  (fixtures)
     poll,
     post_result,
     push_config,
+    push_service,
     settle,
     start_clock_daemon,
 )
@@ -271,7 +272,7 @@ async def test_source_outside_allowed_sources_gets_403_empty(clocked):
     assert await post_result(d.url, 3, {"response": "{}"}) == (403, b"")
     assert count(metrics.polls, "forbidden") == before + 1
     assert d.ctx.registry.get("default", "gate").lastSeen is None  # nothing recorded
-    assert d.ctx.jobs["push"].pending_for("default", "GATE")[0].status == "queued"
+    assert [c.status for c in await push_service(d).unfinished_for("default", "GATE")] == ["queued"]
 
 
 @pytest.mark.parametrize("push_config", [{"push": {"allowed_sources": "127.0.0.0/8"}}])
@@ -352,10 +353,11 @@ async def test_device_side_also_works_through_plain_klein_routing(clocked):
     from twisted.web import server
 
     from iotd.web.app import make_app
-    from iotd.web.push import device_routes
+    from iotd.web.push_device import device_routes
 
     d, _ = clocked
-    port = reactor.listenTCP(0, server.Site(KleinResource(make_app(d.ctx, [device_routes]))),
+    routes = device_routes(push_service(d))
+    port = reactor.listenTCP(0, server.Site(KleinResource(make_app(d.ctx, [routes]))),
                              interface="127.0.0.1")
     try:
         url = f"http://127.0.0.1:{port.getHost().port}"
@@ -375,7 +377,7 @@ async def test_device_side_also_works_through_plain_klein_routing(clocked):
 @pytest_twisted.ensureDeferred
 async def test_push_disabled_serves_no_push(clocked):
     d, _ = clocked
-    assert "push" not in d.ctx.jobs
+    assert "push" not in d.top.namedServices
     resp = await treq.get(d.url + "/push?deviceId=3")
     assert resp.code == 404
     await resp.content()

@@ -1,4 +1,4 @@
-"""The command lifecycle (iotd.commands) on a task.Clock with a real SQLite store.
+"""The command lifecycle (iotd.push) on a task.Clock with a real SQLite store.
 
 queued -> sent -> done / failed / cancelled; one command in flight per device;
 resend after command_timeout; give up after max_attempts (found by the sweep
@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from iotd import errors
-from iotd.commands import CommandService, parse_result
+from iotd.push import CommandService, parse_result
 from iotd.config import PushSection
 from iotd.events import EventLog
 from iotd.registry import Registry
@@ -68,19 +68,11 @@ class World:
     async def poll(self, device):
         """What /push would answer: the command (after its send committed) or None."""
         self.svc.seen(device, "192.0.2.1")
-        got = self.svc.hand_out(device)
-        if got is None:
-            return None
-        cmd, committed = got
-        await committed
-        return cmd
+        return await self.svc.hand_out(device)
 
     async def result(self, device, body) -> bool:
-        d = self.svc.complete(device, json.dumps(body).encode() if not isinstance(body, bytes) else body)
-        if d is None:
-            return False
-        await d
-        return True
+        cmd = await self.svc.complete(device, json.dumps(body).encode() if not isinstance(body, bytes) else body)
+        return cmd is not None
 
     def row(self, command_id: int) -> dict:
         conn = sqlite3.connect(self.path)
@@ -139,11 +131,9 @@ async def test_two_polls_in_the_same_instant_never_get_two_commands(world):
     dev = await world.device("D1", 1)
     for n in range(3):
         await world.queue(dev, body={"n": n})
-    # Both decisions are taken before either send is committed.
-    a = world.svc.hand_out(dev)
-    b = world.svc.hand_out(dev)
-    assert a is not None and b is None
-    await a[1]
+    # Both polls are issued before either send is committed.
+    got = await defer.gatherResults([world.svc.hand_out(dev), world.svc.hand_out(dev)])
+    assert [c.id for c in got if c is not None] == [1]
     assert [world.row(i)["status"] for i in (1, 2, 3)] == ["sent", "queued", "queued"]
 
 
@@ -252,8 +242,8 @@ async def test_cancel_only_a_queued_command(world):
     c = await world.queue(dev, "c")
     await world.poll(dev)
     with pytest.raises(errors.Conflict):
-        world.svc.cancel(world.svc.unfinished(a.id))
-    await world.svc.cancel(world.svc.unfinished(b.id))
+        await world.svc.cancel(a.id)
+    await world.svc.cancel(b.id)
     assert world.row(b.id)["status"] == "cancelled"
     await world.result(dev, {"response": "{}"})
     assert (await world.poll(dev)).id == c.id  # b is skipped
@@ -310,7 +300,8 @@ async def test_idle_poll_never_touches_the_store(world):
     world.store.write = lambda *a: calls.append(a) or real_write(*a)
     try:
         for _ in range(100):
-            assert world.svc.hand_out(dev) is None
+            assert world.svc.hand_out_then(dev, lambda *a: calls.append(a)) is False  # answered from memory
+            assert await world.svc.hand_out(dev) is None
     finally:
         world.store.read, world.store.write = real_read, real_write
     assert calls == []
@@ -345,7 +336,8 @@ async def test_restart_keeps_queued_and_sent_commands(make):
     clock.advance(10)
     w = await make(clock)
     dev = w.registry.get("t", "D1")
-    loaded = w.svc.pending_for("t", "D1")
+    assert w.svc.has_work("t", "D1")  # rebuilt from the store: its polls go to the store
+    loaded = await w.svc.unfinished_for("t", "D1")
     assert [(c.id, c.status, c.attempts) for c in loaded] == [(a.id, "sent", 1), (b.id, "queued", 0)]
     # Still in flight until its timeout, counted from the send before the restart.
     assert await w.poll(dev) is None
@@ -381,7 +373,8 @@ async def test_stopping_writes_every_pending_change_before_the_store_closes(make
     await stopping
     await closing
     w.stopped = True
-    await defer.DeferredList([sent_a[1], sent_b[1]])
+    got = await defer.gatherResults([sent_a, sent_b])
+    assert [c.id for c in got] == [ca.id, cb.id]
     assert (w.row(ca.id)["status"], w.row(cb.id)["status"]) == ("sent", "sent")
 
 

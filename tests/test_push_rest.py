@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from push_helpers import clocked, poll, post_result, push_config, settle  # noqa: F401
+from push_helpers import clocked, poll, post_result, push_config, push_service, settle  # noqa: F401
 
 
 async def queue(d, identifier: str, spec: dict, key: str | None = None, query: str = "") -> tuple[int, dict]:
@@ -54,7 +54,7 @@ async def test_invalid_commands_are_422_naming_the_field(clocked, spec, message)
     status, body = await queue(d, "gate", spec)
     assert status == 422 and body["error"]["code"] == "invalid_body"
     assert message in body["error"]["message"]
-    assert d.ctx.jobs["push"].pending_for("default", "GATE") == []
+    assert await push_service(d).unfinished_for("default", "GATE") == []
 
 
 @pytest_twisted.ensureDeferred
@@ -96,7 +96,7 @@ async def test_wait_answers_202_with_the_current_state_when_time_is_up(clocked):
     d, clock = clocked
     await d.put_device("gate", pushId=10)
     pending = defer.ensureDeferred(queue(d, "gate", {"endpoint": "load_objects"}, query="?wait=5"))
-    while not d.ctx.jobs["push"].pending_for("default", "GATE"):
+    while not push_service(d).has_work("default", "GATE"):
         await d.request("GET", "/healthz")  # let the queue request commit
     assert not pending.called
     clock.advance(5)

@@ -1,20 +1,26 @@
 """SQL for the push command queue (table ``commands``).
 
 Plain functions ``fn(conn, ...)`` run by :class:`iotd.store.Store`; the
-command service (:mod:`iotd.commands`) keeps unfinished commands in memory
-and writes every transition through these.
+decisions that use them (which command a poll gets, whether a result
+completes one) are :mod:`iotd.push.transactions`, the states and which
+transition starts from which are :mod:`iotd.push.state`.  Nothing here
+writes events: the event log does, in the same transaction
+(:meth:`iotd.events.EventLog.transact`).
+
+Portable SQL: ``?`` placeholders (a PostgreSQL connection wrapper turns them
+into ``%s``), ``INSERT ... RETURNING`` instead of ``lastrowid``, no
+SQLite-only syntax.  Every change of status is ``UPDATE ... WHERE id = ? AND
+status IN (...)`` (plus the attempt it expects) and reports whether it
+changed the row, so a change that another process made first is seen, not
+overwritten.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-from typing import Any
-
-from iotd.store import events as evsql
+from typing import Any, Iterable
 
 UNFINISHED = ("queued", "sent")
-STATES = ("queued", "sent", "done", "failed", "cancelled")
 
 COLUMNS = ("id, tenant, device, status, verb, endpoint, body, content_type, query_string, attempts, "
            "created_us, sent_us, finished_us, response_raw, response, error")
@@ -27,69 +33,115 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def insert(conn: sqlite3.Connection, tenant: str, device: str, verb: str | None, endpoint: str,
-           body: Any, has_body: bool, content_type: str | None, query_string: str | None,
-           created_us: int) -> int:
+def _in(values: Iterable[str]) -> tuple[str, list[str]]:
+    values = list(values)
+    return "(" + ", ".join("?" * len(values)) + ")", values
+
+
+def lock_device(conn: Any, tenant: str, device: str) -> bool:
+    """Lock the device's row for the rest of the transaction; False when there is no such device.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE`` (two nodes polling one device queue up
+    here).  SQLite: the writer's ``BEGIN IMMEDIATE`` already serialises every
+    write transaction, so the plain ``SELECT`` suffices.
+    """
+    sql = "SELECT 1 FROM devices WHERE tenant = ? AND identifier = ?"
+    if getattr(conn, "dialect", "sqlite") == "postgresql":
+        sql += " FOR UPDATE"
+    return conn.execute(sql, (tenant, device)).fetchone() is not None
+
+
+def insert(conn: Any, tenant: str, device: str, verb: str | None, endpoint: str, body: Any,
+           has_body: bool, content_type: str | None, query_string: str | None, created_us: int) -> int:
     """Queue a command; returns its id."""
-    cur = conn.execute(
+    return conn.execute(
         "INSERT INTO commands (tenant, device, status, verb, endpoint, body, content_type, query_string, "
-        "attempts, created_us) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, 0, ?)",
+        "attempts, created_us) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, 0, ?) RETURNING id",
         (tenant, device, verb, endpoint, _json(body) if has_body else None, content_type, query_string,
          created_us),
-    )
-    return cur.lastrowid
+    ).fetchone()[0]
 
 
-def mark_sent(conn: sqlite3.Connection, command_id: int, attempts: int, sent_us: int) -> None:
-    conn.execute("UPDATE commands SET status = 'sent', attempts = ?, sent_us = ? WHERE id = ?",
-                 (attempts, sent_us, command_id))
-
-
-def finish(conn: sqlite3.Connection, command_id: int, status: str, finished_us: int,
-           response_raw: str | None, response_json: str | None, error: str | None) -> None:
-    """Record the end of a command (done, failed or cancelled)."""
-    conn.execute(
-        "UPDATE commands SET status = ?, finished_us = ?, response_raw = ?, response = ?, error = ? "
-        "WHERE id = ?",
-        (status, finished_us, response_raw, response_json, error, command_id),
-    )
-
-
-def apply(conn: sqlite3.Connection, changes: list[tuple], events: list[tuple[str, str, str, dict]]) -> list[evsql.Row]:
-    """Apply a batch of transitions and insert their events, in one transaction.
-
-    ``changes`` are ``("sent", id, attempts, sent_us)`` and ``("finish", id,
-    status, finished_us, response_raw, response_json, error)``; ``events`` are
-    event-log items as for :func:`iotd.store.events.insert`, whose rows are
-    returned (the caller publishes them after the commit).
-    """
-    for change in changes:
-        if change[0] == "sent":
-            mark_sent(conn, *change[1:])
-        elif change[0] == "finish":
-            finish(conn, *change[1:])
-        else:
-            raise ValueError(f"unknown command change {change[0]!r}")
-    return evsql.insert(conn, events) if events else []
-
-
-def load_unfinished(conn: sqlite3.Connection) -> list[Row]:
-    """Every queued or sent command, oldest first (loaded at start)."""
+def oldest_unfinished(conn: Any, tenant: str, device: str) -> Row | None:
+    """The device's oldest queued or sent command (the one ``/push`` is about)."""
     return conn.execute(
-        f"SELECT {COLUMNS} FROM commands WHERE status IN ('queued', 'sent') ORDER BY id"
-    ).fetchall()
+        f"SELECT {COLUMNS} FROM commands WHERE tenant = ? AND device = ? AND status IN ('queued', 'sent') "
+        "ORDER BY id LIMIT 1", (tenant, device)).fetchone()
 
 
-def count_by_status(conn: sqlite3.Connection) -> dict[str, int]:
+def has_unfinished(conn: Any, tenant: str, device: str) -> bool:
+    return conn.execute(
+        "SELECT 1 FROM commands WHERE tenant = ? AND device = ? AND status IN ('queued', 'sent') LIMIT 1",
+        (tenant, device)).fetchone() is not None
+
+
+def mark_sent(conn: Any, command_id: int, sources: Iterable[str], attempts: int, sent_us: int) -> bool:
+    """One more send of a command that is in one of ``sources`` with ``attempts`` sends so far."""
+    where, params = _in(sources)
+    cur = conn.execute(
+        "UPDATE commands SET status = 'sent', attempts = attempts + 1, sent_us = ? "
+        f"WHERE id = ? AND status IN {where} AND attempts = ?",
+        (sent_us, command_id, *params, attempts))
+    return cur.rowcount == 1
+
+
+def finish(conn: Any, command_id: int, sources: Iterable[str], status: str, finished_us: int,
+           response_raw: str | None, response_json: str | None, error: str | None,
+           attempts: int | None = None, sent_us: int | None = None) -> bool:
+    """End a command that is in one of ``sources`` (and, when given, at that attempt and send)."""
+    where, params = _in(sources)
+    sql = ("UPDATE commands SET status = ?, finished_us = ?, response_raw = ?, response = ?, error = ? "
+           f"WHERE id = ? AND status IN {where}")
+    args: list[Any] = [status, finished_us, response_raw, response_json, error, command_id, *params]
+    if attempts is not None:
+        sql += " AND attempts = ?"
+        args.append(attempts)
+    if sent_us is not None:
+        sql += " AND sent_us = ?"
+        args.append(sent_us)
+    return conn.execute(sql, args).rowcount == 1
+
+
+def cancel_queued_of_device(conn: Any, tenant: str, device: str, finished_us: int, error: str) -> list[int]:
+    """Cancel every queued command of one device; returns their ids."""
+    rows = conn.execute(
+        "UPDATE commands SET status = 'cancelled', finished_us = ?, error = ? "
+        "WHERE tenant = ? AND device = ? AND status = 'queued' RETURNING id",
+        (finished_us, error, tenant, device)).fetchall()
+    return sorted(r[0] for r in rows)
+
+
+def unfinished(conn: Any) -> list[tuple[int, str, str, str]]:
+    """``(id, tenant, device, status)`` of every queued or sent command (what has work, and waits)."""
+    return conn.execute(
+        "SELECT id, tenant, device, status FROM commands WHERE status IN ('queued', 'sent')").fetchall()
+
+
+def due_last_attempts(conn: Any, max_attempts: int, sent_before_us: int,
+                      limit: int) -> tuple[list[tuple[int, int, int]], int | None]:
+    """Sent commands on their last attempt, sent at or before ``sent_before_us``.
+
+    Returns ``([(id, attempts, sent_us)...], oldest sent_us of those not yet due or None)``.
+    """
+    due = conn.execute(
+        "SELECT id, attempts, sent_us FROM commands WHERE status = 'sent' AND attempts >= ? "
+        "AND sent_us <= ? ORDER BY sent_us LIMIT ?", (max_attempts, sent_before_us, limit)).fetchall()
+    later = conn.execute(
+        "SELECT min(sent_us) FROM commands WHERE status = 'sent' AND attempts >= ? AND sent_us > ?",
+        (max_attempts, sent_before_us)).fetchone()[0]
+    return [tuple(r) for r in due], later
+
+
+def count_by_status(conn: Any) -> dict[str, int]:
     return dict(conn.execute("SELECT status, count(*) FROM commands GROUP BY status").fetchall())
 
 
-def get(conn: sqlite3.Connection, command_id: int) -> Row | None:
+def get(conn: Any, command_id: int) -> Row | None:
     return conn.execute(f"SELECT {COLUMNS} FROM commands WHERE id = ?", (command_id,)).fetchone()
 
 
-def list_for_device(conn: sqlite3.Connection, tenant: str, device: str, status: str | None,
-                    after: int, limit: int) -> list[Row]:
+def list_for_device(conn: Any, tenant: str, device: str, status: str | None, after: int,
+                    limit: int) -> list[Row]:
     """Up to ``limit`` commands of one device with ``id > after``, oldest first."""
     sql = f"SELECT {COLUMNS} FROM commands WHERE tenant = ? AND device = ?"
     params: list[Any] = [tenant, device]

@@ -1,0 +1,254 @@
+"""The command service: the facade the web layer calls for the push command queue.
+
+The store is the authority: every queued, sent and finished command lives
+only there, and every change is one checked transaction
+(:mod:`iotd.push.transactions`) written with its ``action`` events through
+the event log, then published -- the device gets its command, the operator
+his answer, only after that commit.  A restart loses nothing, and two
+processes on one database never hand out two commands for one device.
+
+Memory keeps only what makes idle polls cheap -- which devices have
+unfinished work (:mod:`iotd.push.work`) -- plus presence
+(:mod:`iotd.push.presence`), ``?wait=`` waiters (:mod:`iotd.push.waiters`)
+and the sweep timers (:mod:`iotd.push.sweeps`).  So an idle poll is a set
+lookup that finds nothing and never touches the store; a poll of a device
+with work is one transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+
+from iotd import errors
+from iotd.logs import Logger
+from iotd.push import transactions as tx
+from iotd.push.command import Command
+from iotd.push.pending import Pending
+from iotd.push.polls import Polls
+from iotd.push.presence import Presence
+from iotd.push.sweeps import Sweeps
+from iotd.push.tally import Tally
+from iotd.push.waiters import Waiters
+from iotd.push.work import REFRESH_EVERY, Refresher, Work
+from iotd.store import commands as cmdsql
+from iotd.timefmt import micros_of
+
+MAX_ID = 2**63 - 1
+
+
+class CommandService(service.Service):
+    """The command queue: create, hand out, complete, cancel, wait; presence and sweeps."""
+
+    log = Logger()
+    name = "push"
+
+    def __init__(self, store: Any, registry: Any, events: Any, clock: Any, config: Any,
+                 refresh_every: float = REFRESH_EVERY):
+        self._store = store
+        self._registry = registry
+        self._events = events
+        self._clock = clock
+        self.command_timeout = float(config.command_timeout)
+        self.max_attempts = int(config.max_attempts)
+        self._pending = Pending()
+        self.tally = Tally()
+        self.work = Work()
+        self.presence = Presence(registry, events, clock, float(config.offline_after), self._pending)
+        self.waiters = Waiters(clock, self.get)
+        self.polls = Polls(events, clock, self.work, self.tally, self.waiters, self._pending,
+                           self.command_timeout, self.max_attempts)
+        self.sweeps = Sweeps(store, clock, self._pending, self.presence, self.command_timeout,
+                             self.max_attempts, self.polls.give_up)
+        self.polls.last_attempt_sent = self.sweeps.last_attempt_sent
+        self.refresher = Refresher(store, clock, self.work, self._pending, self._refreshed, refresh_every)
+        # The device side, bound once (the idle poll is one call): see iotd.push.polls.
+        self.hand_out_then = self.polls.hand_out_then
+        self.hand_out = self.polls.hand_out
+        self.complete_then = self.polls.complete_then
+        self.complete = self.polls.complete
+        self.ready = False
+        self.load_failed = False
+        self._ready_waiters: list[defer.Deferred] = []
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def load(self) -> None:
+        """Learn from the store which devices have work (a restart keeps queued and sent commands)."""
+        try:
+            rows = await self._store.read(cmdsql.unfinished)
+            counts = await self._store.read(cmdsql.count_by_status)
+        except Exception:
+            self.load_failed = True
+            self.log.failure("could not load the command queue")
+            for d in self._ready_waiters:
+                d.errback(errors.Unavailable("the command queue could not be loaded"))
+            self._ready_waiters = []
+            raise
+        self.work.merge((tenant, device) for _, tenant, device, _ in rows)
+        self.tally.load(counts)
+        self.ready = True
+        self.log.info("command queue loaded: {queued} queued, {sent} sent",
+                      queued=self.tally.counts["queued"], sent=self.tally.counts["sent"])
+        if self.running:
+            await self._start_timers()  # (the first sweep: last attempts that timed out while stopped)
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def when_ready(self) -> defer.Deferred:
+        if self.ready:
+            return defer.succeed(None)
+        if self.load_failed:
+            return defer.fail(errors.Unavailable("the command queue could not be loaded"))
+        d: defer.Deferred = defer.Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        if self.ready:
+            self._start_timers()
+
+    def _start_timers(self) -> defer.Deferred:
+        """Start the sweeps and the refresh; fires when the sweeps' first pass ended."""
+        self.refresher.start()
+        if self.sweeps.running:
+            return defer.succeed(None)
+        self.sweeps.startService()
+        return self.sweeps.first_pass
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        self.refresher.stop()
+        if self.sweeps.running:
+            self.sweeps.stopService()
+        self.waiters.answer_all()  # ?wait= requests get the current state
+        return self.settle()
+
+    def settle(self) -> defer.Deferred:
+        """Fires once every transaction and read issued so far (and any it caused) has ended."""
+        return self._pending.settle()
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        return self._pending.track(d)
+
+    def _refreshed(self, rows: list[tuple[int, str, str, str]]) -> None:
+        """The periodic read of unfinished commands: gauges, and waiters finished elsewhere."""
+        self.tally.unfinished(rows)
+        waited = self.waiters.ids()
+        if waited:
+            for cid in waited - {r[0] for r in rows}:
+                self._wake_if_finished(cid)
+
+    def _wake_if_finished(self, command_id: int) -> None:
+        """Read ``command_id``; wake its waiters if it finished (here or in another process)."""
+        def wake(cmd: Command | None) -> None:
+            if cmd is not None and cmd.finished:
+                self.waiters.finished(cmd)
+
+        d = self.get(command_id)
+        d.addCallbacks(wake, lambda f: self.log.warn("push: reading command {id} failed: {error}",
+                                                     id=command_id, error=f.getErrorMessage()))
+        self._track(d)
+
+    # -- operator side --------------------------------------------------------
+
+    async def create(self, tenant: str, device: str, spec: dict[str, Any]) -> Command:
+        """Queue a command for ``device`` (an identifier); ``spec`` is already checked."""
+        await self.when_ready()
+        d = self._events.transact(tx.create, tenant, device, spec, micros_of(self._clock.seconds()))
+        d.addCallback(self._created)
+        cmd = await self._track(d)
+        if self._registry.get(tenant, device) is None:  # deleted while we were writing
+            self._cancel_device(tenant, device)
+        return cmd
+
+    def _created(self, value: tuple[Command, list]) -> Command:
+        cmd = value[0]
+        self.tally.moved(None, "queued")
+        self.work.add(cmd.key)
+        return cmd
+
+    def get(self, command_id: int) -> defer.Deferred:
+        """The command as stored now, or None."""
+        if not 0 < command_id <= MAX_ID:
+            return defer.succeed(None)
+        d = self._store.read(cmdsql.get, command_id)
+        d.addCallback(lambda row: Command.from_row(row) if row is not None else None)
+        return d
+
+    async def list_for_device(self, tenant: str, device: str, status: str | None = None, after: int = 0,
+                              limit: int = 100) -> list[Command]:
+        """Up to ``limit`` commands of one device with ``id > after``, oldest first."""
+        rows = await self._store.read(cmdsql.list_for_device, tenant, device, status, after, limit)
+        return [Command.from_row(r) for r in rows]
+
+    async def unfinished_for(self, tenant: str, device: str) -> list[Command]:
+        """The device's queued and sent commands, oldest first (from the store)."""
+        found = [c for state in ("queued", "sent")
+                 for c in await self.list_for_device(tenant, device, state, 0, 100_000)]
+        return sorted(found, key=lambda c: c.id)
+
+    def has_work(self, tenant: str, device: str) -> bool:
+        """Whether this node's idle polls of the device go to the store (memory only)."""
+        return (tenant, device) in self.work
+
+    async def cancel(self, command_id: int, error: str = "cancelled by operator") -> Command:
+        """Cancel a queued command; Conflict once it was sent, NotFound if there is none."""
+        await self.when_ready()
+        d = self._events.transact(tx.cancel, command_id, micros_of(self._clock.seconds()), error)
+        d.addCallback(self._cancelled)
+        finished = await self._track(d)
+        if finished.command is None:
+            if finished.status is None:
+                raise errors.NotFound(f"no command {command_id}")
+            raise errors.Conflict(f"command {command_id} is {finished.status}; "
+                                  "only a queued command can be cancelled")
+        return finished.command
+
+    def _cancelled(self, value: tuple[tx.Finished, list]) -> tx.Finished:
+        finished = value[0]
+        cmd = finished.command
+        if cmd is not None:
+            self.tally.moved("queued", cmd.status)
+            self.work.settled(cmd.key, finished.remaining)
+            self.waiters.finished(cmd)
+        return finished
+
+    def wait(self, cmd: Command, seconds: float) -> defer.Deferred:
+        """Fires with the command once it finished (committed) or ``seconds`` passed."""
+        return self.waiters.wait(cmd, seconds)
+
+    def device_deleted(self, device: Any) -> None:
+        """Registry delete listener: cancel the device's queued commands, forget it."""
+        self.presence.forget(device)
+        self._cancel_device(device.tenant, device.identifier)
+
+    def _cancel_device(self, tenant: str, device: str) -> None:
+        d = self._events.transact(tx.cancel_device, tenant, device, micros_of(self._clock.seconds()),
+                                  "device deleted")
+        d.addCallback(self._device_cancelled, (tenant, device))
+        d.addErrback(lambda f: self.log.failure("push: cancelling the commands of {device} failed", f,
+                                                device=device))
+        self._track(d)
+
+    def _device_cancelled(self, value: tuple[tuple[list[int], bool], list], key: tuple[str, str]) -> None:
+        ids, remaining = value[0]
+        for _ in ids:
+            self.tally.moved("queued", "cancelled")
+        self.work.settled(key, remaining)
+        for cid in set(ids) & self.waiters.ids():
+            self._wake_if_finished(cid)
+
+    # -- device side ----------------------------------------------------------
+
+    def seen(self, device: Any, address: str | None) -> None:
+        """A poll or result from ``device``: lastSeen/lastAddress, online, conn event."""
+        self.presence.seen(device, address)
+
+    # hand_out_then(device, fn, *args) -> bool, hand_out(device) -> Deferred,
+    # complete_then(device, raw, endpoint, fn, *args), complete(device, raw, endpoint) -> Deferred:
+    # bound in __init__ from iotd.push.polls.Polls.

@@ -1,0 +1,165 @@
+"""The store is the authority for commands: each change is one short transaction that checks it.
+
+Each function here is ``fn(conn, ...) -> (result, event items)``, run by
+:meth:`iotd.events.EventLog.transact` inside one store write (the store's
+group commit, its own savepoint); the items are the ``action`` events of the
+change, inserted in the same transaction and published after the commit.
+They run in the store's writer thread: no metrics, no logging, no reactor
+state -- the service does those once the transaction committed.
+
+Every one follows the same recipe, so two processes on one database can
+never hand out two commands for one device, and a result posted to either
+completes the command the other handed out:
+
+1. lock the device's row (:func:`iotd.store.commands.lock_device`: ``FOR
+   UPDATE`` on PostgreSQL; SQLite's single writer already serialises);
+2. read the device's oldest unfinished command;
+3. decide with the transition table (:mod:`iotd.push.state`), then
+   ``UPDATE ... WHERE id = ? AND status IN (<sources>) AND attempts = ?``;
+   a row count of 0 means another process changed it first: read again.
+
+A device runs one command at a time: ``/push`` hands out the oldest
+unfinished command of the device; if that one is already ``sent`` it goes out
+again only once ``command_timeout`` has passed since the last send, and once
+the last attempt's ``command_timeout`` has passed it fails (``no result after
+N attempts``) and the next one goes out in the same transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from iotd.push.command import Command
+from iotd.push.state import Status, Transition, sources, target
+from iotd.store import commands as cmdsql
+
+EPSILON = 1e-6  # seconds: a deadline this close to now is due (float rounding on the clock)
+PASSES = 8  # reads of the oldest command per hand-out (each pass ends one command or lost a race)
+
+Items = list[tuple[str, str, str, dict[str, Any]]]
+
+
+class HandOut(NamedTuple):
+    command: Command | None  # what /push answers with (sent, attempts counted); None: empty
+    busy: bool  # the oldest command is in flight (sent, within its command_timeout)
+    gave_up: list[Command]  # commands failed on the way (their last attempt had timed out)
+
+    @property
+    def remaining(self) -> bool:
+        return self.command is not None or self.busy
+
+
+class Finished(NamedTuple):
+    command: Command | None  # the finished command; None: nothing changed
+    remaining: bool  # the device still has unfinished commands
+    status: str | None = None  # when nothing changed: the command's status now (None: no such command)
+
+
+def _finish(conn: Any, cmd: Command, transition: Transition, now_us: int, response_raw: str | None = None,
+            response: Any = None, parsed: bool = False, error: str | None = None,
+            check_attempt: bool = False) -> bool:
+    """``cmd`` ends by ``transition``; on success ``cmd`` is updated to what is stored."""
+    status = target(transition).value
+    changed = cmdsql.finish(conn, cmd.id, sources(transition), status, now_us, response_raw,
+                            response_raw if parsed else None, error,
+                            attempts=cmd.attempts if check_attempt else None,
+                            sent_us=cmd.sent_us if check_attempt else None)
+    if changed:
+        cmd.status, cmd.finished_us, cmd.error = status, now_us, error
+        cmd.response_raw, cmd.response, cmd.parsed = response_raw, response, parsed
+    return changed
+
+
+def _give_up(conn: Any, cmd: Command, now_us: int) -> bool:
+    return _finish(conn, cmd, Transition.GIVE_UP, now_us, error=f"no result after {cmd.attempts} attempts",
+                   check_attempt=True)
+
+
+def hand_out(conn: Any, tenant: str, device: str, now: float, timeout: float,
+             max_attempts: int) -> tuple[HandOut, Items]:
+    """``GET /push`` of a device that has unfinished work: the command it gets, if any."""
+    items: Items = []
+    gave_up: list[Command] = []
+    now_us = int(round(now * 1_000_000))
+    cmdsql.lock_device(conn, tenant, device)
+    for _ in range(PASSES):
+        row = cmdsql.oldest_unfinished(conn, tenant, device)
+        if row is None:
+            return HandOut(None, False, gave_up), items
+        cmd = Command.from_row(row)
+        if cmd.status == Status.QUEUED:
+            transition = Transition.SEND
+        elif now + EPSILON < cmd.sent_at + timeout:
+            return HandOut(None, True, gave_up), items  # in flight: the device answers (or times out) first
+        elif cmd.attempts < max_attempts:
+            transition = Transition.RESEND
+        else:
+            if _give_up(conn, cmd, now_us):
+                gave_up.append(cmd)
+                items.append(cmd.finish_event())
+            continue
+        if cmdsql.mark_sent(conn, cmd.id, sources(transition), cmd.attempts, now_us):
+            cmd.status, cmd.attempts, cmd.sent_us = Status.SENT.value, cmd.attempts + 1, now_us
+            items.append(cmd.send_event())
+            return HandOut(cmd, False, gave_up), items
+    return HandOut(None, True, gave_up), items  # still changing under us: the next poll tries again
+
+
+def complete(conn: Any, tenant: str, device: str, outcome: dict[str, Any], now_us: int) -> tuple[Finished, Items]:
+    """``POST /result``: finish the device's sent command with ``outcome`` (see ``parse_result``)."""
+    cmdsql.lock_device(conn, tenant, device)
+    transition = Transition.COMPLETE if outcome["status"] == Status.DONE else Transition.FAIL
+    fields = {k: v for k, v in outcome.items() if k != "status"}
+    for _ in range(PASSES):
+        row = cmdsql.oldest_unfinished(conn, tenant, device)
+        if row is None or row[3] != Status.SENT:
+            return Finished(None, row is not None), []  # an orphan: no command waits for a result
+        cmd = Command.from_row(row)
+        if _finish(conn, cmd, transition, now_us, **fields):
+            return Finished(cmd, cmdsql.has_unfinished(conn, tenant, device)), [cmd.finish_event()]
+    return Finished(None, True), []
+
+
+def give_up(conn: Any, command_id: int, attempts: int, sent_us: int, now_us: int) -> tuple[Finished, Items]:
+    """The sweep: fail a command whose last attempt timed out -- if it is still that attempt."""
+    row = cmdsql.get(conn, command_id)
+    if row is None:
+        return Finished(None, False), []
+    cmd = Command.from_row(row)
+    cmdsql.lock_device(conn, cmd.tenant, cmd.device)
+    if cmd.status != Status.SENT or cmd.attempts != attempts or cmd.sent_us != sent_us:
+        return Finished(None, True, cmd.status), []  # a result or a resend came first
+    if not _give_up(conn, cmd, now_us):
+        return Finished(None, True, cmd.status), []
+    return Finished(cmd, cmdsql.has_unfinished(conn, cmd.tenant, cmd.device)), [cmd.finish_event()]
+
+
+def cancel(conn: Any, command_id: int, now_us: int, error: str) -> tuple[Finished, Items]:
+    """Cancel one queued command (operator).  No event: the operator asked for it."""
+    row = cmdsql.get(conn, command_id)
+    if row is None:
+        return Finished(None, False), []
+    cmd = Command.from_row(row)
+    cmdsql.lock_device(conn, cmd.tenant, cmd.device)
+    if not _finish(conn, cmd, Transition.CANCEL, now_us, error=error):
+        return Finished(None, True, Command.from_row(cmdsql.get(conn, command_id)).status), []
+    return Finished(cmd, cmdsql.has_unfinished(conn, cmd.tenant, cmd.device)), []
+
+
+def cancel_device(conn: Any, tenant: str, device: str, now_us: int, error: str) -> tuple[tuple[list[int], bool], Items]:
+    """Cancel every queued command of a device (it was deleted); sent ones are left to the sweep."""
+    cmdsql.lock_device(conn, tenant, device)
+    ids = cmdsql.cancel_queued_of_device(conn, tenant, device, now_us, error)
+    return (ids, cmdsql.has_unfinished(conn, tenant, device)), []
+
+
+def create(conn: Any, tenant: str, device: str, spec: dict[str, Any], now_us: int) -> tuple[Command, Items]:
+    """Queue a command (``spec`` already checked)."""
+    has_body = spec.get("body") is not None
+    cid = cmdsql.insert(conn, tenant, device, spec.get("verb"), spec["endpoint"], spec.get("body"), has_body,
+                        spec.get("contentType"), spec.get("queryString"), now_us)
+    return Command(id=cid, tenant=tenant, device=device, status=Status.QUEUED.value, endpoint=spec["endpoint"],
+                   verb=spec.get("verb"), body=spec.get("body"), has_body=has_body,
+                   content_type=spec.get("contentType"), query_string=spec.get("queryString"),
+                   created_us=now_us), []
+
