@@ -25,5 +25,3 @@ class Context:
     keys: Any
     registry: Any
     events: Any
-    # Left only for iotd/web/push.py, which issue 13's push work rewrites; remove it then.
-    jobs: dict[str, Any] = attrs.Factory(dict)

@@ -29,8 +29,6 @@ JOB_PACKAGES = ("iotd.web", "iotd.ws", "iotd.relay")
 # iotd/push/ and splits iotd/web/push.py, the store engineer reshapes iotd/store/db.py.  Empty this
 # once their branches are merged.
 OVER_LIMIT_ALLOWED = {
-    "iotd/commands.py",
-    "iotd/web/push.py",
     "iotd/store/db.py",
 }
 
