@@ -33,11 +33,11 @@ def insert(conn: sqlite3.Connection, tenant: str, device: str, verb: str | None,
     """Queue a command; returns its id."""
     cur = conn.execute(
         "INSERT INTO commands (tenant, device, status, verb, endpoint, body, content_type, query_string, "
-        "attempts, created_us) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, 0, ?)",
+        "attempts, created_us) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, 0, ?) RETURNING id",
         (tenant, device, verb, endpoint, _json(body) if has_body else None, content_type, query_string,
          created_us),
     )
-    return cur.lastrowid
+    return cur.fetchone()[0]
 
 
 def mark_sent(conn: sqlite3.Connection, command_id: int, attempts: int, sent_us: int) -> None:
