@@ -109,17 +109,27 @@ that passes only on SQLite is a bug in the store.
 """
 
 
+POSTGRESQL_ONLY_DOC = """A test of what only a database server does; it runs on PostgreSQL alone.
+
+Allowed for: the connection to the server lost (the server restarted or the
+connections cut) and the store reconnecting by itself.  An SQLite store has
+no connection to lose.
+"""
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "sqlite_only: " + " ".join(SQLITE_ONLY_DOC.split()))
+    config.addinivalue_line("markers", "postgresql_only: " + " ".join(POSTGRESQL_ONLY_DOC.split()))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Drop the PostgreSQL run of ``sqlite_only`` tests (deselected, not skipped)."""
+    """Drop the other backend's run of ``sqlite_only``/``postgresql_only`` tests (deselected, not skipped)."""
     keep, drop = [], []
     for item in items:
         spec = getattr(item, "callspec", None)
         on = spec.params.get("backend") if spec is not None else None
-        if on == "postgresql" and item.get_closest_marker("sqlite_only") is not None:
+        if (on == "postgresql" and item.get_closest_marker("sqlite_only") is not None) or (
+                on == "sqlite" and item.get_closest_marker("postgresql_only") is not None):
             drop.append(item)
         else:
             keep.append(item)

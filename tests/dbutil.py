@@ -5,7 +5,10 @@ and ``[postgresql]``; select with ``IOTD_TEST_BACKENDS=sqlite,postgresql``).
 On PostgreSQL each SQLite path a test would have used (a daemon's
 ``data_dir``, a ``Store(path)``) gets a database of its own, created on first
 use from a template migrated once per run (``CREATE DATABASE ... TEMPLATE``)
-and dropped when the test (or the module fixture that made it) ends.  Names
+and dropped when the test (or the module fixture that made it) ends.  A copy
+costs the server about a second (it syncs the new files), so a few threads
+keep :data:`READY` copies made ahead and drop finished ones in the
+background: a test waits for neither.  Names
 hold the pid and a random part, so concurrent runs never collide; databases
 left by a run that was killed are dropped by the next run.
 
@@ -16,6 +19,8 @@ placeholders on both), :func:`store_ini` (the ``[store]`` lines of an ini).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -33,6 +38,7 @@ for _name in SELECTED:
 # The server the PostgreSQL tests use (a database the tests may connect to for CREATE/DROP DATABASE).
 ADMIN_URL = os.environ.get("IOTD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 _RUN = f"{os.getpid()}_{secrets.token_hex(3)}"
+READY = 2  # databases copied ahead of the tests that will take them
 _NAME = re.compile(r"^iotd_(?:t|tpl)_(\d+)_[0-9a-f]+")
 
 
@@ -42,6 +48,8 @@ class _State:
     counter = 0
     owners: list[list[str]] = [[]]  # databases to drop, by the scope that made them
     by_path: dict[str, str] = {}  # SQLite path -> its database in this test
+    workers: concurrent.futures.ThreadPoolExecutor | None = None
+    ahead: collections.deque = collections.deque()  # futures of (name) copies being made
 
 
 def current() -> str:
@@ -90,10 +98,27 @@ def _template() -> str:
     return _State.template
 
 
-def _new_database() -> str:
+def _copy(name: str, template: str) -> str:
+    _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return name
+
+
+def _drop(name: str) -> None:
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _order_copy() -> None:
     _State.counter += 1
     name = f"iotd_t_{_RUN}_{_State.counter}"
-    _admin(f'CREATE DATABASE "{name}" TEMPLATE "{_template()}"')
+    _State.ahead.append(_State.workers.submit(_copy, name, _template()))
+
+
+def _new_database() -> str:
+    if _State.workers is None:
+        _State.workers = concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="test-db")
+    while len(_State.ahead) < READY + 1:
+        _order_copy()
+    name = _State.ahead.popleft().result()
     _State.owners[-1].append(name)
     return _url(name)
 
@@ -106,6 +131,41 @@ def target(sqlite_path: Any) -> str:
     if path not in _State.by_path:
         _State.by_path[path] = _new_database()
     return _State.by_path[path]
+
+
+def fresh_target(sqlite_path: Any) -> str:
+    """Like :func:`target`, but an empty database (not migrated) on PostgreSQL."""
+    path = os.path.abspath(str(sqlite_path))
+    if _State.backend == "sqlite":
+        return path
+    _State.counter += 1
+    name = f"iotd_t_{_RUN}_{_State.counter}"
+    _template()  # leftovers of killed runs are gone first
+    _admin(f'CREATE DATABASE "{name}"')
+    _State.owners[-1].append(name)
+    _State.by_path[path] = _url(name)
+    return _State.by_path[path]
+
+
+def backend_pids(url: str) -> list[int]:
+    """The server processes of every connection to ``url``'s database (to cut them in a test)."""
+    import psycopg
+
+    dbname = url.rsplit("/", 1)[1].split("?")[0]
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))]
+
+
+def cut_connections(url: str) -> int:
+    """End every connection to ``url``'s database, as a server restart would; how many there were."""
+    import psycopg
+
+    pids = backend_pids(url)
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        for pid in pids:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    return len(pids)
 
 
 def store_url(sqlite_path: Any) -> str:
@@ -167,8 +227,11 @@ def scope() -> Iterator[None]:
     finally:
         names = _State.owners.pop()
         _State.by_path = saved
-        for name in names:
-            _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in names:  # in the background: the next test need not wait
+            if _State.workers is not None:
+                _State.workers.submit(_drop, name)
+            else:
+                _drop(name)
 
 
 @contextlib.contextmanager
@@ -179,7 +242,12 @@ def using(backend: str) -> Iterator[None]:
         with scope():
             yield
     finally:
+        if _State.workers is not None:  # copies nobody took, then wait for every drop
+            while _State.ahead:
+                _State.workers.submit(_drop, _State.ahead.popleft().result())
+            _State.workers.shutdown(wait=True)
+            _State.workers = None
         if backend == "postgresql" and _State.template is not None:
-            _admin(f'DROP DATABASE IF EXISTS "{_State.template}" WITH (FORCE)')
+            _drop(_State.template)
             _State.template = None
         _State.backend = "sqlite"

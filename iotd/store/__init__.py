@@ -12,15 +12,21 @@ backend runs them.  The daemon and the ``iotd-admin`` CLI share them.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from iotd.store.engine import Store, StoreUnavailable
 
 
 def target_of(config_or_target: Any) -> str:
-    """The store a Config names (``[store] url``, else the SQLite file), or a path/URL as is."""
+    """The store a Config names (``[store] url``, else the SQLite file), or a path/URL as is.
+
+    For a Config, ``data_dir`` is created (0700) first: it holds ``admin.key``
+    on either backend.
+    """
     if isinstance(config_or_target, str):
         return config_or_target
+    os.makedirs(config_or_target.iotd.data_dir, mode=0o700, exist_ok=True)
     return config_or_target.store_target
 
 
@@ -43,7 +49,7 @@ def open_sync(config_or_target: Any) -> Any:
 
 def open_error(config: Any, error: BaseException) -> str:
     """The one line for a store that cannot be opened at start (a password is never shown)."""
-    if config.store.url:
+    if config.store.url and not isinstance(error, OSError):  # OSError: data_dir itself
         from iotd.store.postgres import scrub
 
         return f"iotd: config error: [store] url: cannot connect: {scrub(str(error), config.store.url)}"

@@ -413,7 +413,7 @@ class Store:
         except Exception:
             pass
 
-    def _read(self, fn: Callable[..., Any], args: tuple) -> Any:
+    def _read(self, fn: Callable[..., Any], args: tuple, retry: bool = True) -> Any:
         try:
             conn = self._reader_conn()
         except self.backend.read_errors as e:
@@ -423,6 +423,8 @@ class Store:
         except self.backend.read_errors as e:
             if self.backend.broken(conn):
                 self._forget_reader(conn)
+                if retry:  # a connection the server dropped earlier (a restart): once more on a new one
+                    return self._read(fn, args, retry=False)
             raise StoreUnavailable(" ".join(str(e).split())) from e
         finally:
             if conn.in_transaction and not self.backend.broken(conn):
