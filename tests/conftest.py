@@ -138,6 +138,19 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """pytest-twisted wraps a hypothesis test's ``inner_test`` in place and never restores it; the
+    same function run again (its other backend) would be wrapped twice and fail. Restore it."""
+    hyp = getattr(pyfuncitem.obj, "hypothesis", None)
+    original = getattr(hyp, "inner_test", None)
+    try:
+        yield
+    finally:
+        if original is not None:
+            hyp.inner_test = original
+
+
 @pytest.fixture(scope="session", autouse=True, params=dbutil.SELECTED)
 def backend(request) -> str:
     """The store backend of this run of the test (tests are grouped by it)."""

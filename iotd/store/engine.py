@@ -12,13 +12,9 @@ that publish after a write publish in commit order.
 Reads: ``Store.read(fn, *args)`` runs on a small thread pool, each thread
 with its own connection.
 
-Bounds: the write queue holds at most :data:`MAX_QUEUED_WRITES` writes
-(100,000) and :data:`MAX_QUEUED_BYTES` bytes (256 MiB, as callers declare
-with ``write(..., size=n)``; a write that declares nothing counts one entry
-and no bytes).  Beyond either, ``write`` fails at once with
-:class:`StoreUnavailable` (a 503) instead of queueing without limit; one
-line is logged per episode.  A write larger than the byte bound on its own
-is still taken when nothing else is queued, so no write is refused forever.
+Bounds: the write queue (:mod:`iotd.store.writequeue`) holds at most
+100,000 writes and 256 MiB of what they declare (``write(..., size=n)``);
+beyond either, ``write`` fails at once with :class:`StoreUnavailable` (a 503).
 
 Health (:attr:`Store.health`): ``"ok"`` or what the backend reports
 (SQLite: ``"full"``, ``"missing"``, see :mod:`iotd.store.sqlite`;
@@ -30,7 +26,6 @@ not ``"ok"`` every ``write`` fails at once with :class:`StoreUnavailable`
 
 from __future__ import annotations
 
-import queue
 import threading
 from typing import Any, Callable
 
@@ -41,10 +36,9 @@ from twisted.python.threadpool import ThreadPool
 
 from iotd import metrics
 from iotd.logs import Logger
+from iotd.store.writequeue import MAX_QUEUED_BYTES, MAX_QUEUED_WRITES, WriteQueue
 
 BATCH = 1000
-MAX_QUEUED_WRITES = 100_000  # writes waiting for the writer thread
-MAX_QUEUED_BYTES = 256 * 1024 * 1024  # bytes they declared (``size=``)
 HEALTH_EVERY = 2.0  # seconds between two looks at the backend
 _STOP = object()
 
@@ -79,7 +73,7 @@ class Store:
         self.backend = backend_for(target)
         self.dialect = self.backend.dialect  # "sqlite" | "postgresql"
         self._reactor = reactor
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue = WriteQueue(max_queued_writes, max_queued_bytes)
         self._writer: threading.Thread | None = None
         self._wconn: Any = None
         self._readers_max = readers if self.dialect == "sqlite" else max(1, pool_size - 1)
@@ -91,12 +85,6 @@ class Store:
         self._inflight: list = []
         self.commits = 0  # transactions committed, for tests and metrics
         self.health = "ok"  # "ok" or a state of the backend; see the module docstring
-        self._max_writes = max_queued_writes
-        self._max_bytes = max_queued_bytes
-        self._queued = 0  # writes in the queue (taken off by the writer thread)
-        self._queued_bytes = 0
-        self._count_lock = threading.Lock()
-        self._queue_full = False
         self._checker: LoopingCall | None = None
 
     # -- life cycle -------------------------------------------------------
@@ -104,7 +92,7 @@ class Store:
     async def start(self) -> None:
         """Open and migrate the database (in a thread), then start the threads."""
         opened: defer.Deferred = defer.Deferred()
-        self._queued = self._queued_bytes = 0
+        self._queue.reset()
         self._writer = threading.Thread(
             target=self._write_thread, args=(opened,), name="iotd-store-write", daemon=True
         )
@@ -155,7 +143,7 @@ class Store:
         if self.health != "ok":
             metrics.store_writes_refused.labels(self.health).inc()
             return defer.fail(StoreUnavailable(self.backend.refused[self.health]))
-        if not self._admit(size):
+        if not self._queue.admit(size):
             metrics.store_writes_refused.labels("queue_full").inc()
             return defer.fail(StoreUnavailable("the store's write queue is full"))
         return self._submit(fn, args, size)
@@ -174,32 +162,6 @@ class Store:
         self._queue.put((fn, args, d, size))
         return d
 
-    def _admit(self, size: int) -> bool:
-        """Count a write into the queue if both bounds allow it; log once per episode."""
-        with self._count_lock:
-            over = self._queued >= self._max_writes or (
-                self._queued > 0 and self._queued_bytes + size > self._max_bytes)
-            if not over:
-                self._queued += 1
-                self._queued_bytes += size
-            queued, queued_bytes = self._queued, self._queued_bytes
-        if over and not self._queue_full:
-            self._queue_full = True
-            self.log.warn("store write queue full ({writes} writes, {bytes} bytes waiting): "
-                          "writes answer 503 until it drains", writes=queued, bytes=queued_bytes)
-        elif not over and self._queue_full:
-            self._queue_full = False
-            self.log.info("store write queue accepts writes again")
-        return not over
-
-    def _taken(self, batch: list) -> None:
-        """The writer took ``batch`` off the queue (writer thread)."""
-        counted = [item[3] for item in batch if item[3] is not None]
-        if counted:
-            with self._count_lock:
-                self._queued -= len(counted)
-                self._queued_bytes -= sum(counted)
-
     def _write_thread(self, opened: defer.Deferred) -> None:
         try:
             self._wconn = self.backend.open_writer()
@@ -215,25 +177,14 @@ class Store:
         except BaseException:  # never leave stop() waiting on a dead writer
             self.log.failure("store writer thread died")
             self._running = False
-            items = self._inflight
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            items = self._inflight + self._queue.drain()
             dead = Failure(StoreUnavailable("store writer died"))
             self._reactor.callFromThread(
                 self._deliver, [(item[2], None if item[0] is _STOP else dead) for item in items])
 
     def _write_batches(self) -> None:
         while True:
-            batch = self._inflight = [self._queue.get()]
-            while len(batch) < BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._taken(batch)
+            batch = self._inflight = self._queue.take(BATCH)
             stop = None
             results: list[tuple[defer.Deferred, Any]] = []
             work = []
