@@ -151,3 +151,18 @@ async def test_lost_postgresql_connections_answer_503_then_the_store_reconnects_
     assert status == 201 and third["id"] == first["id"] + 1  # the refused write took no id
     status, listing = await daemon.request("GET", "/api/v1/devices")
     assert status == 200 and [d["identifier"] for d in listing["items"]] == ["D1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_text_with_a_nul_character_is_422_on_both_backends_and_nothing_is_stored(daemon):
+    """PostgreSQL text cannot hold U+0000; both backends refuse it alike instead of failing inside."""
+    status, body = await daemon.request("POST", "/api/v1/api-keys", {"name": "a\u0000b", "role": "read_only"})
+    assert status == 422 and "NUL" in body["error"]["message"]
+    status, listing = await daemon.request("GET", "/api/v1/api-keys")
+    assert status == 200 and all("\u0000" not in k["name"] for k in listing["items"])
+    status, _ = await daemon.request("POST", "/api/v1/api-keys", {"name": "fine", "role": "read_only"})
+    assert status == 201
+    status, _ = await daemon.request("PUT", "/api/v1/devices/d1", {"name": "x\u0000y"})  # JSON docs keep it
+    assert status in (200, 201)
+    status, device = await daemon.request("GET", "/api/v1/devices/d1")
+    assert status == 200 and device["name"] == "x\u0000y"

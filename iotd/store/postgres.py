@@ -3,7 +3,8 @@
 :class:`PgConnection` is the thin layer that lets the store's SQL be written
 once: ``conn.execute(sql, params)`` with ``?`` placeholders (turned into
 ``%s``; a literal ``%`` is doubled), results with ``fetchone``/``fetchall``/
-``rowcount``, ``conn.dialect == "postgresql"``, ``conn.IntegrityError``.
+``rowcount``, ``conn.dialect == "postgresql"``, ``conn.IntegrityError``; a
+string holding U+0000 is refused on both backends (:mod:`iotd.store.textcheck`).
 Connections run in autocommit mode, so ``BEGIN``/``COMMIT``/``SAVEPOINT``
 are explicit, as on SQLite.
 
@@ -26,6 +27,7 @@ import urllib.parse
 from typing import Any, Iterable
 
 from iotd.store import migrate
+from iotd.store.textcheck import refuse_nul, refuse_nul_many
 
 CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
 
@@ -97,11 +99,13 @@ class PgConnection:
     def execute(self, sql: str, params: Iterable[Any] | None = None) -> Any:
         if params is None:
             return self.raw.execute(sql)
-        return self.raw.execute(translate(sql), tuple(params))
+        params = tuple(params)
+        refuse_nul(params)  # PostgreSQL text cannot hold U+0000: a 422 on both backends
+        return self.raw.execute(translate(sql), params)
 
     def executemany(self, sql: str, seq: Iterable[Iterable[Any]]) -> Any:
         cur = self.raw.cursor()
-        cur.executemany(translate(sql), [tuple(p) for p in seq])
+        cur.executemany(translate(sql), refuse_nul_many(seq))
         return cur
 
     @property

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from typing import Any
 
 from iotd.store import migrate
+from iotd.store.textcheck import refuse_nul, refuse_nul_many
 
 FULL_BELOW_BYTES = 1024 * 1024  # free bytes under which the file system counts as full
 PROBE_BYTES = 16384  # what the probe write allocates, to learn whether space is back
@@ -38,9 +40,17 @@ _UNAVAILABLE_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_
 
 
 class SqliteConnection(sqlite3.Connection):
-    """sqlite3's connection, with the ``dialect`` every store function may look at."""
+    """sqlite3's connection, with the ``dialect`` every store function may look at, and the
+    text rule of both backends (:mod:`iotd.store.textcheck`)."""
 
     dialect = "sqlite"
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        refuse_nul(params)
+        return super().execute(sql, params)
+
+    def executemany(self, sql: str, seq: Any) -> sqlite3.Cursor:
+        return super().executemany(sql, refuse_nul_many(seq))
 
 
 def connect(path: str, same_thread: bool = True) -> SqliteConnection:
