@@ -26,8 +26,9 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/twistd --nodaemon --pidfile= iotd --config $(CONFIG)
 
+# BACKENDS=sqlite (or postgresql) runs the suite on one store backend; default both.
 test: install-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(if $(BACKENDS),IOTD_TEST_BACKENDS=$(BACKENDS) ,)$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-test
 	@command -v socat >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq socat >/dev/null) ) || echo "socat could not be installed: relay peers will be skipped"

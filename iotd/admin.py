@@ -1,7 +1,8 @@
 """``iotd-admin``: keys and backups, with the daemon stopped or running.
 
-Works on the same SQLite file as the daemon; every key write bumps the key
-revision.  A running daemon honours a key created here on its very next
+Works on the daemon's store (``[store] url``: SQLite or PostgreSQL); every
+key write bumps the key revision.  ``backup`` copies an SQLite store; on
+PostgreSQL it says to use ``pg_dump`` (exit 2).  A running daemon honours a key created here on its very next
 request (it looks an unknown key up in the store before answering 401) and
 notices a revocation within a second.
 """
@@ -16,8 +17,8 @@ import time
 from iotd import config as configmod
 from iotd.auth import ACTIONS, RESOURCES, key_row
 from iotd.store import keys as keysql
-from iotd.store import open_sync
-from iotd.store.db import make_private, run_in_transaction
+from iotd.store import open_error, open_sync, run_in_transaction
+from iotd.store.sqlite import make_private
 from iotd.timefmt import iso
 
 
@@ -58,7 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     except configmod.ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    conn = open_sync(cfg.database_path)
+    if args.command == "backup" and cfg.store.url:
+        print("iotd-admin: backup copies an SQLite store; for PostgreSQL use pg_dump "
+              "(pg_dump -Fc -d DBNAME -f FILE)", file=sys.stderr)
+        return 2
+    try:
+        conn = open_sync(cfg)
+    except Exception as e:
+        print(open_error(cfg, e).replace("iotd: ", "iotd-admin: ", 1), file=sys.stderr)
+        return 1
     try:
         if args.command == "backup":
             make_private(args.path)  # a copy of the keys' digests and every event: owner only

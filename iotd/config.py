@@ -110,6 +110,13 @@ def _port_range(text: str) -> tuple[int, int]:
     return (low, high)
 
 
+def _store_url(text: str) -> str:
+    url = text.strip()
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected empty (SQLite in data_dir) or a postgresql:// URL")
+    return url
+
+
 def _level(text: str) -> str:
     low = text.strip().lower()
     if low not in ("debug", "info", "warn", "error"):
@@ -173,6 +180,12 @@ class WebsocketSection:
 
 
 @attrs.frozen
+class StoreSection:
+    url: str = ""  # empty: SQLite at <data_dir>/iotd.sqlite3
+    pool_size: int = 8  # PostgreSQL connections (the writer's and the readers')
+
+
+@attrs.frozen
 class RetentionSection:
     events_days: float = 30.0
 
@@ -185,11 +198,21 @@ class Config:
     devicelink: DeviceLinkSection = DeviceLinkSection()
     websocket: WebsocketSection = WebsocketSection()
     retention: RetentionSection = RetentionSection()
+    store: StoreSection = StoreSection()
     path: str | None = None
 
     @property
     def database_path(self) -> str:
         return os.path.join(self.iotd.data_dir, "iotd.sqlite3")
+
+    @property
+    def store_target(self) -> str:
+        """What the store opens: ``[store] url``, or the SQLite file when it is empty."""
+        return self.store.url or self.database_path
+
+    @property
+    def store_backend(self) -> str:
+        return "postgresql" if self.store.url else "sqlite"
 
     @property
     def admin_key_path(self) -> str:
@@ -247,6 +270,7 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
         },
     ),
     "retention": (RetentionSection, {"events_days": _float_min(0)}),
+    "store": (StoreSection, {"url": _store_url, "pool_size": _int_min(2)}),
 }
 
 

@@ -1,6 +1,6 @@
 """The core service: store, keys, registry and event log, started in that order.
 
-Its start is asynchronous (opening SQLite in a thread, loading keys and the
+Its start is asynchronous (opening the store in a thread, loading keys and the
 registry); the HTTP listeners bind synchronously at start-up (so a busy port
 aborts ``twistd``) and answer 503 until :attr:`CoreService.ready`.
 """
@@ -18,7 +18,7 @@ from iotd.auth import KeyRing
 from iotd.events import EventLog
 from iotd.logs import Logger
 from iotd.registry import Registry
-from iotd.store import Store
+from iotd.store import open_store
 
 PRUNE_EVERY = 3600.0
 
@@ -39,7 +39,7 @@ class CoreService(service.Service):
         self.config = config
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
-        self.store = Store(config.database_path, reactor)
+        self.store = open_store(config, reactor)
         self.keys = KeyRing(self.store, reactor)
         self.registry = Registry(self.store, reactor)
         self.events = EventLog(self.store)
@@ -68,7 +68,8 @@ class CoreService(service.Service):
 
     def _up(self, _):
         self.ready = True
-        self.log.info("store {path} open; {keys} api keys", path=self.config.database_path, keys=len(self.keys))
+        self.log.info("store {path} open ({dialect}); {keys} api keys", path=self.store.backend.where,
+                      dialect=self.store.dialect, keys=len(self.keys))
         self.started.callback(None)
 
     def _failed(self, failure):

@@ -27,7 +27,7 @@ from twisted.python import usage
 from iotd import config as configmod
 from iotd.logs import set_level
 from iotd.service import CoreService
-from iotd.store import open_sync
+from iotd.store import open_error, open_sync
 from iotd.web import devicelink, devices, ingest, keys, ops
 from iotd.web import push
 from iotd.context import Context
@@ -80,11 +80,11 @@ def load_config(path: str | None) -> configmod.Config:
 
 
 def check_store(cfg: configmod.Config) -> None:
-    """Create ``data_dir`` and migrate the store before the reactor runs."""
+    """Reach and migrate the store before the reactor runs (SQLite: create ``data_dir``)."""
     try:
-        open_sync(cfg.database_path).close()
+        open_sync(cfg).close()
     except Exception as e:
-        raise SystemExit(f"iotd: config error: [iotd] data_dir: cannot open {cfg.database_path}: {e}") from None
+        raise SystemExit(open_error(cfg, e)) from None
 
 
 def exit_zero_on_sigterm(reactor: Any) -> None:

@@ -1,4 +1,9 @@
-"""Shared fixtures: a real daemon tree on loopback, real SQLite in a temp dir.
+"""Shared fixtures: a real daemon tree on loopback, on a real store of each backend.
+
+Every test runs once per store backend (ids ``[sqlite]``, ``[postgresql]``;
+``IOTD_TEST_BACKENDS=sqlite`` or ``make test BACKENDS=sqlite`` selects): SQLite
+files in ``tmp_path``, or a PostgreSQL database of the test's own (see
+:mod:`dbutil`).  ``make_config`` and ``DaemonProcess`` point the daemon at it.
 
 ``daemon`` builds the service tree with :func:`iotd.tap.makeService` (port 0
 on 127.0.0.1, data_dir in ``tmp_path``), starts it on the real reactor and
@@ -18,6 +23,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor
 
+import dbutil
 from iotd import config as configmod
 from iotd.tap import makeService
 
@@ -71,6 +77,9 @@ def make_config(tmp_path, overrides: dict | None = None) -> configmod.Config:
     sections = {"iotd": {"data_dir": str(tmp_path / "data")},
                 "http": {"listen": "tcp:0:interface=127.0.0.1"},
                 "devicelink": {"port_range": "31000-31099"}}  # below the ephemeral range
+    url = dbutil.store_url(tmp_path / "data" / "iotd.sqlite3")
+    if url:
+        sections["store"] = {"url": url}
     for section, values in (overrides or {}).items():
         sections.setdefault(section, {}).update(values)
     text = "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {v}" for k, v in kv.items()) for s, kv in sections.items())
@@ -88,6 +97,72 @@ async def start_daemon(cfg: configmod.Config) -> Daemon:
 
 async def stop_daemon(d: Daemon) -> None:
     await defer.maybeDeferred(d.top.stopService)
+
+
+SQLITE_ONLY_DOC = """A test of a property only an SQLite store has; it runs on SQLite alone.
+
+Allowed for: the database file's mode (0600), the database file removed
+under the daemon, a full disk (``PRAGMA max_page_count``, ``statvfs``), and
+``iotd-admin backup`` writing an SQLite copy (on PostgreSQL it points to
+``pg_dump``, tested on both).  Anything else must pass on both backends: a test
+that passes only on SQLite is a bug in the store.
+"""
+
+
+POSTGRESQL_ONLY_DOC = """A test of what only a database server does; it runs on PostgreSQL alone.
+
+Allowed for: the connection to the server lost (the server restarted or the
+connections cut) and the store reconnecting by itself.  An SQLite store has
+no connection to lose.
+"""
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only: " + " ".join(SQLITE_ONLY_DOC.split()))
+    config.addinivalue_line("markers", "postgresql_only: " + " ".join(POSTGRESQL_ONLY_DOC.split()))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Drop the other backend's run of ``sqlite_only``/``postgresql_only`` tests (deselected, not skipped)."""
+    keep, drop = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        on = spec.params.get("backend") if spec is not None else None
+        if (on == "postgresql" and item.get_closest_marker("sqlite_only") is not None) or (
+                on == "sqlite" and item.get_closest_marker("postgresql_only") is not None):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """pytest-twisted wraps a hypothesis test's ``inner_test`` in place and never restores it; the
+    same function run again (its other backend) would be wrapped twice and fail. Restore it."""
+    hyp = getattr(pyfuncitem.obj, "hypothesis", None)
+    original = getattr(hyp, "inner_test", None)
+    try:
+        yield
+    finally:
+        if original is not None:
+            hyp.inner_test = original
+
+
+@pytest.fixture(scope="session", autouse=True, params=dbutil.SELECTED)
+def backend(request) -> str:
+    """The store backend of this run of the test (tests are grouped by it)."""
+    with dbutil.using(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _test_databases(backend):
+    """The databases a test made are dropped when it ends."""
+    with dbutil.scope():
+        yield
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.request
 
+import dbutil
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -30,6 +32,8 @@ class DaemonProcess:
         self.ini = os.path.join(self.workdir, "iotd.ini")
         with open(self.ini, "w") as f:
             f.write(f"[iotd]\ndata_dir = data\n[http]\nlisten = tcp:{self.port}:interface=127.0.0.1\n{extra}")
+            if "[store]" not in extra:  # the test's database on PostgreSQL (nothing on SQLite)
+                f.write(dbutil.store_ini(os.path.join(self.workdir, "data")))
         self.log_path = os.path.join(self.workdir, "twistd.log")
         self.proc: subprocess.Popen | None = None
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import dbutil
 from daemon_process import ROOT, TWISTD, DaemonProcess
 
 
@@ -73,12 +74,16 @@ def test_busy_port_aborts_start(tmp_path):
 def test_admin_cli_is_installed(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "iotd-admin")
     ini = tmp_path / "i.ini"
-    ini.write_text(f"[iotd]\ndata_dir = {tmp_path / 'data'}\n")
+    ini.write_text(f"[iotd]\ndata_dir = {tmp_path / 'data'}\n" + dbutil.store_ini(tmp_path / "data"))
     out = subprocess.run([exe, "-c", str(ini), "key", "create", "--role", "read_only"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and len(out.stdout.strip()) == 64
     out = subprocess.run([exe, "-c", str(ini), "backup", str(tmp_path / "copy.sqlite3")],
                          capture_output=True, text=True, timeout=60)
+    if dbutil.current() == "postgresql":  # a PostgreSQL store is backed up with its own tool
+        assert out.returncode == 2 and "pg_dump" in out.stderr and len(out.stderr.splitlines()) == 1
+        assert not (tmp_path / "copy.sqlite3").exists()
+        return
     assert out.returncode == 0
     import sqlite3
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
-import sqlite3
+import dbutil
 import time
 from typing import Any
 
@@ -125,7 +125,7 @@ def assert_json_error(answer: Answer, status: int, code: str | None = None, ment
 
 
 def stored(daemon) -> dict[str, list]:
-    conn = sqlite3.connect(daemon.ctx.config.database_path)
+    conn = dbutil.connect(daemon.ctx.config)
     try:
         return {
             "events": conn.execute("SELECT id, kind, device, data FROM events ORDER BY id").fetchall(),

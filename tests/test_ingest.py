@@ -1,6 +1,6 @@
 """Ingest: packets, readings, OTA; single and batch; committed before 201; errors as JSON."""
 
-import sqlite3
+import dbutil
 
 import pytest
 import pytest_twisted
@@ -12,7 +12,7 @@ def daemon_config():
 
 
 def stored(daemon):
-    conn = sqlite3.connect(daemon.ctx.config.database_path)
+    conn = dbutil.connect(daemon.ctx.config)
     try:
         return conn.execute("SELECT id, kind, device FROM events ORDER BY id").fetchall()
     finally:

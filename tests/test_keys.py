@@ -8,13 +8,14 @@ import sys
 import pytest_twisted
 from twisted.internet import reactor, task
 
+import dbutil
 from iotd.auth import hash_key
 
 
 def cli(daemon, *args):
     ini = os.path.join(os.path.dirname(daemon.ctx.config.database_path), "cli.ini")
     with open(ini, "w") as f:
-        f.write(f"[iotd]\ndata_dir = {daemon.ctx.config.iotd.data_dir}\n")
+        f.write(dbutil.cli_ini(daemon.ctx.config))
     return subprocess.run([sys.executable, "-m", "iotd.admin", "-c", ini, *args],
                           capture_output=True, text=True, timeout=60)
 
@@ -33,11 +34,7 @@ async def test_bootstrap_admin_key_file_is_private_and_works(daemon):
 async def test_store_keeps_only_the_hash(daemon):
     status, body = await daemon.request("POST", "/api/v1/api-keys", {"name": "ops", "role": "read_only"})
     assert status == 201 and len(body["key"]) == 64
-    with open(daemon.ctx.config.database_path, "rb") as f:
-        raw = f.read()
-    wal = daemon.ctx.config.database_path + "-wal"
-    if os.path.exists(wal):
-        raw += open(wal, "rb").read()
+    raw = dbutil.everything_stored(daemon.ctx.config)
     assert body["key"].encode() not in raw
     assert hash_key(body["key"]).encode() in raw
 

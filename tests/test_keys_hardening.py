@@ -6,7 +6,6 @@ subprocess on the daemon's database.
 """
 
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,17 +15,17 @@ from conftest import repo_root
 from twisted.internet import defer, reactor, task, threads
 from ws_helpers import Client, eventually, sleep, ws_url
 
+import dbutil
 from iotd.auth import KeyRing
-from iotd.store import Store
 from iotd.store import keys as keysql
 from iotd.timefmt import iso, parse_iso
 
 
 def run_cli(daemon, *args):
-    """``iotd-admin`` on the daemon's SQLite file, from this source tree (blocking)."""
+    """``iotd-admin`` on the daemon's store, from this source tree (blocking)."""
     ini = os.path.join(os.path.dirname(daemon.ctx.config.database_path), "cli.ini")
     with open(ini, "w") as f:
-        f.write(f"[iotd]\ndata_dir = {daemon.ctx.config.iotd.data_dir}\n")
+        f.write(dbutil.cli_ini(daemon.ctx.config))
     env = dict(os.environ, PYTHONPATH=repo_root())
     out = subprocess.run([sys.executable, "-m", "iotd.admin", "-c", ini, *args],
                          capture_output=True, text=True, timeout=60, env=env, cwd=repo_root())
@@ -245,7 +244,7 @@ async def test_an_expiring_key_closes_its_packet_socket_with_4401_and_then_gets_
 
 
 def stored_last_used(daemon, key_id):
-    conn = sqlite3.connect(daemon.ctx.config.database_path)
+    conn = dbutil.connect(daemon.ctx.config)
     try:
         row = conn.execute("SELECT last_used_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()
     finally:
@@ -277,7 +276,7 @@ async def test_last_used_at_is_listed_and_stored_once_a_key_is_used(daemon):
 
 @pytest_twisted.ensureDeferred
 async def test_last_used_at_is_written_at_most_once_a_minute(tmp_path):
-    store = Store(str(tmp_path / "keys.sqlite"), reactor)
+    store = dbutil.new_store(tmp_path / "keys.sqlite", reactor)
     await store.start()
     clock = task.Clock()
     clock.advance(1_700_000_000)
@@ -287,7 +286,7 @@ async def test_last_used_at_is_written_at_most_once_a_minute(tmp_path):
         key, secret = await ring.create("t", "probe", "read_only")
 
         def stored():
-            conn = sqlite3.connect(store.path)
+            conn = dbutil.connect(store)
             try:
                 return conn.execute("SELECT last_used_at FROM api_keys").fetchone()[0]
             finally:

@@ -168,8 +168,10 @@ async def test_requests_before_the_core_is_ready_get_503_json(tmp_path):
 
 
 def _insert_at(conn, stamp_us: int, n: int) -> None:
-    conn.execute("INSERT INTO events (tenant, kind, device, inserted_us, data) VALUES (?, ?, ?, ?, ?)",
-                 ("default", "reading", "P1", stamp_us, json.dumps({"data": {"n": n}})))
+    """An event stamped in the past (its id from the store's counter, as every event's)."""
+    event_id = conn.execute("UPDATE event_seq SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id").fetchone()[0]
+    conn.execute("INSERT INTO events (id, tenant, kind, device, inserted_us, data) VALUES (?, ?, ?, ?, ?, ?)",
+                 (event_id, "default", "reading", "P1", stamp_us, json.dumps({"data": {"n": n}})))
 
 
 async def _numbers(core) -> list[int]:
@@ -191,7 +193,7 @@ async def test_events_older_than_events_days_are_pruned_at_start_and_then_every_
     cfg = make_config(tmp_path, {"retention": {"events_days": "1"}})
     now_us = int(time.time() * 1_000_000)
     day_us = 86400 * 1_000_000
-    conn = open_sync(cfg.database_path)  # a store that already holds a 3-day-old event
+    conn = open_sync(cfg)  # a store that already holds a 3-day-old event
     _insert_at(conn, now_us - 3 * day_us, 1)
     conn.close()
 
@@ -222,6 +224,7 @@ async def _pruned(core, n: int) -> bool:
 # -- backups while the daemon runs ------------------------------------------------------
 
 
+@pytest.mark.sqlite_only
 def test_backup_while_the_daemon_runs_and_writes_has_every_event_acknowledged_before_it(tmp_path):
     d = DaemonProcess(tmp_path).start()
     key = d.admin_key

@@ -7,7 +7,7 @@ The daemon is the real service tree on loopback; its time is a task.Clock
 from __future__ import annotations
 
 import json
-import sqlite3
+import dbutil
 
 import pytest
 import pytest_twisted
@@ -135,7 +135,7 @@ async def test_unknown_device_is_auto_registered_with_its_address(clocked):
     status, dev = await d.request("GET", "/api/v1/devices/9001")
     assert dev["host"] == "192.0.2.7" and dev["lastAddress"] == "127.0.0.1"
     await settle(d)
-    conn = sqlite3.connect(d.ctx.config.database_path)
+    conn = dbutil.connect(d.ctx.config)
     try:
         conns = conn.execute("SELECT device, data FROM events WHERE kind = 'conn'").fetchall()
     finally:
@@ -297,7 +297,7 @@ async def test_polls_and_results_update_last_seen_and_reach_the_store_at_the_flu
     assert dev.lastSeen == int(clock.seconds() * 1_000_000) and dev.lastAddress == "127.0.0.1"
     clock.advance(FLUSH_EVERY)  # the registry's periodic flush
     await d.ctx.store.write(lambda conn: None)  # one writer, FIFO: the flush is committed
-    conn = sqlite3.connect(d.ctx.config.database_path)
+    conn = dbutil.connect(d.ctx.config)
     try:
         doc = json.loads(conn.execute("SELECT doc FROM devices WHERE identifier = 'GATE'").fetchone()[0])
     finally:
@@ -314,7 +314,7 @@ async def test_device_goes_offline_after_offline_after_without_a_poll(clocked):
     clock.advance(d.ctx.config.push.offline_after)
     await settle(d)
     assert (await d.request("GET", "/api/v1/devices/gate"))[1]["online"] is False
-    conn = sqlite3.connect(d.ctx.config.database_path)
+    conn = dbutil.connect(d.ctx.config)
     try:
         conns = [json.loads(r[0]) for r in conn.execute("SELECT data FROM events WHERE kind = 'conn' ORDER BY id")]
     finally:

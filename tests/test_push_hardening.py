@@ -7,7 +7,7 @@ The daemon is the real service tree on loopback (real HTTP, real SQLite); its ti
 from __future__ import annotations
 
 import json
-import sqlite3
+import dbutil
 
 import pytest
 import pytest_twisted
@@ -144,7 +144,7 @@ async def command_raw(d, command_id: int) -> dict:
 
 
 def resp_events(d, command_id: int) -> list[dict]:
-    conn = sqlite3.connect(d.ctx.config.database_path)
+    conn = dbutil.connect(d.ctx.config)
     try:
         rows = conn.execute("SELECT data FROM events WHERE kind = 'action'").fetchall()
     finally:

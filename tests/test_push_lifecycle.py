@@ -1,4 +1,4 @@
-"""The command lifecycle (iotd.push) on a task.Clock with a real SQLite store.
+"""The command lifecycle (iotd.push) on a task.Clock with a real store (each backend).
 
 queued -> sent -> done / failed / cancelled; one command in flight per device;
 resend after command_timeout; give up after max_attempts (found by the sweep
@@ -9,7 +9,6 @@ keeps queued and sent commands.
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import pytest
 import pytest_twisted
@@ -20,7 +19,7 @@ from iotd.push import CommandService, parse_result
 from iotd.config import PushSection
 from iotd.events import EventLog
 from iotd.registry import Registry
-from iotd.store import Store
+import dbutil
 from push_helpers import ClockReactor, new_clock
 
 TIMEOUT, ATTEMPTS, OFFLINE = 60.0, 3, 90.0
@@ -38,7 +37,7 @@ class World:
     async def start(self, **push) -> "World":
         cfg = PushSection(**{"command_timeout": TIMEOUT, "max_attempts": ATTEMPTS, "offline_after": OFFLINE,
                              **push})
-        self.store = Store(self.path, ClockReactor(self.clock))
+        self.store = dbutil.new_store(self.path, ClockReactor(self.clock))
         await self.store.start()
         self.registry = Registry(self.store, self.clock)
         await self.registry.start()
@@ -75,11 +74,11 @@ class World:
         return cmd is not None
 
     def row(self, command_id: int) -> dict:
-        conn = sqlite3.connect(self.path)
-        conn.row_factory = sqlite3.Row
+        conn = dbutil.connect(self.store)
         try:
-            row = conn.execute("SELECT * FROM commands WHERE id = ?", (command_id,)).fetchone()
-            return dict(row) if row is not None else None
+            cur = conn.execute("SELECT * FROM commands WHERE id = ?", (command_id,))
+            row = cur.fetchone()
+            return dict(zip([c[0] for c in cur.description], row)) if row is not None else None
         finally:
             conn.close()
 

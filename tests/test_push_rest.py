@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sqlite3
+import dbutil
 import json
 
 import pytest
@@ -227,7 +227,7 @@ async def test_the_event_log_records_the_send_and_the_result(clocked):
     await poll(d.url, 10)
     await post_result(d.url, 10, {"response": '{"users":[]}'})
     await settle(d)
-    conn = sqlite3.connect(d.ctx.config.database_path)
+    conn = dbutil.connect(d.ctx.config)
     try:
         rows = conn.execute("SELECT kind, device, data FROM events ORDER BY id").fetchall()
     finally:

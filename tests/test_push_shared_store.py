@@ -8,7 +8,7 @@ queued through one reaches the other's idle polls within the refresh
 interval, and a timed-out last attempt fails once.
 
 Time is a task.Clock (shared by both, as wall time is by two processes); the
-database is a real SQLite file.  :func:`open_store` is the one place that
+database is a real SQLite file or a real PostgreSQL database (the backend fixture).  :func:`open_store` is the one place that
 says which backend.
 """
 
@@ -26,6 +26,7 @@ from iotd.push import CommandService
 from iotd.push.work import REFRESH_EVERY
 from iotd.registry import Registry
 from iotd.store import Store
+import dbutil
 from push_helpers import ClockReactor, new_clock
 
 TIMEOUT, ATTEMPTS, OFFLINE = 60.0, 3, 600.0
@@ -33,8 +34,8 @@ DEVICES = 25
 
 
 def open_store(database: str, reactor) -> Store:
-    """A new Store object on the shared database (one per simulated process)."""
-    return Store(database, reactor)
+    """A new Store object on the shared database (one per simulated process), on the test's backend."""
+    return dbutil.new_store(database, reactor)
 
 
 @pytest.fixture

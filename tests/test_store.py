@@ -1,19 +1,17 @@
-"""The store: group commit, isolation of a failing write, migrations, follow without gaps."""
-
-import sqlite3
+"""The store on both backends: group commit, isolation of a failing write, migrations, follow without gaps."""
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
+import dbutil
 from iotd.events import EventLog
-from iotd.store import Store
 from iotd.store import events as evsql
 
 
 @pytest_twisted.async_yield_fixture
 async def store(tmp_path):
-    s = Store(str(tmp_path / "s.sqlite3"), reactor)
+    s = dbutil.new_store(tmp_path / "s.sqlite3", reactor)
     await s.start()
     yield s
     await s.stop()
@@ -44,15 +42,43 @@ async def test_a_failing_write_is_rolled_back_alone(store):
     await good2
     rows = await store.read(evsql.read, "t", ["reading"], 0, 10)
     assert [r[5]["ok"] for r in rows] == [1, 2]
+    assert [r[0] for r in rows] == [1, 2]  # the failed write left no hole in the ids
     assert await store.read(lambda c: c.execute("SELECT count(*) FROM meta WHERE name='half'").fetchone()[0]) == 0
+
+
+def _duplicate_key(conn):
+    conn.execute("INSERT INTO meta (name, value) VALUES ('dup', 'first')")
+    conn.execute("INSERT INTO meta (name, value) VALUES ('dup', 'again')")  # the statement itself fails
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_statement_spoils_only_its_own_write(store):
+    """On PostgreSQL a failed statement aborts the transaction: only its savepoint may be rolled back."""
+    commits = store.commits
+    ds = [store.write(evsql.insert, [("t", "reading", "D", {"n": 1})]), store.write(_duplicate_key),
+          store.write(evsql.insert, [("t", "reading", "D", {"n": 2})])]
+    results = await defer.DeferredList(ds, consumeErrors=True)
+    assert [ok for ok, _ in results] == [True, False, True]
+    assert "dup" in str(results[1][1].value).lower() or "unique" in str(results[1][1].value).lower()
+    assert store.commits - commits == 1  # the three rode on one transaction
+    rows = await store.read(evsql.read, "t", ["reading"], 0, 10)
+    assert [(r[0], r[5]["n"]) for r in rows] == [(1, 1), (2, 2)]
+    assert await store.read(lambda c: c.execute("SELECT count(*) FROM meta WHERE name = 'dup'").fetchone()[0]) == 0
+    await store.write(_noop)  # the connection is fine afterwards
+    assert store.health == "ok"
+
+
+def _noop(conn):
+    return None
 
 
 @pytest_twisted.ensureDeferred
 async def test_schema_version_recorded(store):
-    version = await store.read(lambda c: c.execute("SELECT max(version) FROM schema_version").fetchone()[0])
-    assert version >= 1
-    mode = await store.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
-    assert mode == "wal"
+    versions = await store.read(lambda c: [r[0] for r in c.execute("SELECT version FROM schema_version ORDER BY 1")])
+    assert versions == [1, 2, 3]
+    if store.dialect == "sqlite":
+        mode = await store.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+        assert mode == "wal"
 
 
 @pytest_twisted.ensureDeferred
@@ -100,10 +126,10 @@ async def test_prune_removes_only_old_events(store):
 async def test_a_dead_writer_fails_writes_instead_of_hanging(tmp_path):
     from iotd.store import StoreUnavailable
 
-    s = Store(str(tmp_path / "dead.sqlite3"), reactor)
+    s = dbutil.new_store(tmp_path / "dead.sqlite3", reactor)
     await s.start()
 
-    def broken(conn, work):  # the writer's own machinery fails (not a user function)
+    def broken(work):  # the writer's own machinery fails (not a user function)
         raise MemoryError("simulated")
 
     s._run_batch = broken

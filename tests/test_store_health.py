@@ -18,10 +18,12 @@ import treq
 from twisted.internet import defer, reactor, threads
 from twisted.logger import formatEvent, globalLogPublisher
 
+import dbutil
 from daemon_process import DaemonProcess
-from iotd.store import Store, StoreUnavailable
-from iotd.store import db as dbmod
+from iotd.store import StoreUnavailable
+from iotd.store import engine as dbmod
 from iotd.store import events as evsql
+from iotd.store import sqlite as sqlitemod
 from ws_helpers import Client, sleep, ws_url
 
 
@@ -66,6 +68,7 @@ def room_again(conn):
     conn.execute("PRAGMA max_page_count = 1073741823")
 
 
+@pytest.mark.sqlite_only
 @pytest_twisted.ensureDeferred
 async def test_disk_full_makes_healthz_503_full_refuses_writes_and_recovers_when_space_is_freed(daemon):
     await daemon.put_device("d1")
@@ -95,19 +98,21 @@ async def test_disk_full_makes_healthz_503_full_refuses_writes_and_recovers_when
     assert await replayed_readings(daemon, "d1") == [before, after]
 
 
+@pytest.mark.sqlite_only
 @pytest_twisted.ensureDeferred
 async def test_a_file_system_without_free_space_is_reported_full_by_the_periodic_check(daemon, monkeypatch):
-    monkeypatch.setattr(dbmod, "_free_bytes", lambda directory: 0)  # what statvfs says of a full disk
+    monkeypatch.setattr(sqlitemod, "_free_bytes", lambda directory: 0)  # what statvfs says of a full disk
     body = await until_health(daemon, 503, timeout=3 * dbmod.HEALTH_EVERY + 5)
     assert body["store"] == "full"
     status, _ = await daemon.request("PUT", "/api/v1/devices/x", {})
     assert status == 503
-    monkeypatch.setattr(dbmod, "_free_bytes", lambda directory: 10 * dbmod.FULL_BELOW_BYTES)
+    monkeypatch.setattr(sqlitemod, "_free_bytes", lambda directory: 10 * sqlitemod.FULL_BELOW_BYTES)
     assert (await until_health(daemon, 200))["store"] == "ok"
     status, _ = await daemon.request("PUT", "/api/v1/devices/x", {})
     assert status == 201
 
 
+@pytest.mark.sqlite_only
 @pytest_twisted.ensureDeferred
 async def test_database_file_removed_under_the_daemon_refuses_writes_and_healthz_says_missing(daemon):
     await daemon.put_device("d1")
@@ -133,6 +138,7 @@ def _mode(path: str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+@pytest.mark.sqlite_only
 def test_store_files_and_admin_key_are_mode_0600(tmp_path):
     d = DaemonProcess(tmp_path).start()
     data = tmp_path / "data"
@@ -174,7 +180,7 @@ class _Gate:
 
 @pytest_twisted.async_yield_fixture
 async def small_store(tmp_path):
-    s = Store(str(tmp_path / "q.sqlite3"), reactor, max_queued_writes=10, max_queued_bytes=1000)
+    s = dbutil.new_store(tmp_path / "q.sqlite3", reactor, max_queued_writes=10, max_queued_bytes=1000)
     await s.start()
     yield s
     await s.stop()
@@ -185,7 +191,7 @@ def store_log():
     lines: list[str] = []
 
     def observe(event):
-        if str(event.get("log_namespace", "")).startswith("iotd.store.db"):
+        if str(event.get("log_namespace", "")).startswith("iotd.store"):
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)

@@ -450,11 +450,12 @@ def cli_key(daemon) -> str:
     import subprocess
     import sys
 
+    import dbutil
     from conftest import repo_root
 
     ini = os.path.join(os.path.dirname(daemon.ctx.config.database_path), "ws-cli.ini")
     with open(ini, "w") as f:
-        f.write(f"[iotd]\ndata_dir = {daemon.ctx.config.iotd.data_dir}\n")
+        f.write(dbutil.cli_ini(daemon.ctx.config))
     out = subprocess.run([sys.executable, "-m", "iotd.admin", "-c", ini, "key", "create", "--role", "read_only"],
                          capture_output=True, text=True, timeout=60, cwd=repo_root(),
                          env=dict(os.environ, PYTHONPATH=repo_root()))

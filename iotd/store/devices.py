@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 
@@ -11,25 +10,25 @@ class PushIdTaken(Exception):
     """Another device already has this pushId."""
 
 
-def load_all(conn: sqlite3.Connection) -> list[tuple[str, str, dict[str, Any]]]:
+def load_all(conn: Any) -> list[tuple[str, str, dict[str, Any]]]:
     return [
         (tenant, ident, json.loads(doc))
         for tenant, ident, doc in conn.execute("SELECT tenant, identifier, doc FROM devices")
     ]
 
 
-def upsert(conn: sqlite3.Connection, tenant: str, identifier: str, push_id: int | None, doc: dict) -> None:
+def upsert(conn: Any, tenant: str, identifier: str, push_id: int | None, doc: dict) -> None:
     try:
         conn.execute(
             "INSERT INTO devices (tenant, identifier, push_id, doc) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (tenant, identifier) DO UPDATE SET push_id = excluded.push_id, doc = excluded.doc",
             (tenant, identifier, push_id, json.dumps(doc)),
         )
-    except sqlite3.IntegrityError as e:
+    except conn.IntegrityError as e:
         raise PushIdTaken(str(push_id)) from e
 
 
-def update_docs(conn: sqlite3.Connection, rows: list[tuple[str, str, dict]]) -> None:
+def update_docs(conn: Any, rows: list[tuple[str, str, dict]]) -> None:
     """Rewrite the docs of existing devices (the periodic lastSeen flush)."""
     conn.executemany(
         "UPDATE devices SET doc = ? WHERE tenant = ? AND identifier = ?",
@@ -37,16 +36,16 @@ def update_docs(conn: sqlite3.Connection, rows: list[tuple[str, str, dict]]) -> 
     )
 
 
-def delete(conn: sqlite3.Connection, tenant: str, identifier: str) -> bool:
+def delete(conn: Any, tenant: str, identifier: str) -> bool:
     cur = conn.execute("DELETE FROM devices WHERE tenant = ? AND identifier = ?", (tenant, identifier))
     return bool(cur.rowcount)
 
 
-def load_streams(conn: sqlite3.Connection) -> list[tuple[str, str, dict[str, Any]]]:
+def load_streams(conn: Any) -> list[tuple[str, str, dict[str, Any]]]:
     return [(t, i, json.loads(d)) for t, i, d in conn.execute("SELECT tenant, id, doc FROM streams")]
 
 
-def upsert_stream(conn: sqlite3.Connection, tenant: str, stream_id: str, doc: dict) -> None:
+def upsert_stream(conn: Any, tenant: str, stream_id: str, doc: dict) -> None:
     conn.execute(
         "INSERT INTO streams (tenant, id, doc) VALUES (?, ?, ?) "
         "ON CONFLICT (tenant, id) DO UPDATE SET doc = excluded.doc",
@@ -54,6 +53,6 @@ def upsert_stream(conn: sqlite3.Connection, tenant: str, stream_id: str, doc: di
     )
 
 
-def delete_stream(conn: sqlite3.Connection, tenant: str, stream_id: str) -> bool:
+def delete_stream(conn: Any, tenant: str, stream_id: str) -> bool:
     cur = conn.execute("DELETE FROM streams WHERE tenant = ? AND id = ?", (tenant, stream_id))
     return bool(cur.rowcount)

@@ -1,8 +1,13 @@
 """SQL for the event log.
 
-``inserted_us`` strictly increases with ``id``: each insert takes the later
-of the wall clock and the last stamp plus one microsecond, inside the
-writer's transaction.
+Ids and stamps come from the counter row ``event_seq`` (schema 3), updated in
+the inserting transaction: ``UPDATE ... SET last_id = last_id + n RETURNING``
+row-locks it until commit, so on both backends (and across nodes sharing one
+PostgreSQL) ids are allocated in commit order with no holes (a rolled-back
+insert rolls its ids back too).  ``inserted_us`` strictly increases with
+``id``: the first event of a call takes the later of the wall clock and the
+last stamp plus one microsecond, the next ones one microsecond more each; the
+last stamp is kept in the same row, so stamps never go backwards.
 
 A reading's ``packet_id`` is checked in the same transaction as the insert
 (the check and the write are atomic): it must name a packet of the same
@@ -18,7 +23,6 @@ replaced, and logged, rather than poisoning every later replay.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from typing import Any, Iterable
 
@@ -30,32 +34,40 @@ Row = tuple[int, str, str, str, int, dict[str, Any]]  # id, tenant, kind, device
 log = Logger()
 
 
-def insert(conn: sqlite3.Connection, items: list[tuple[str, str, str, dict]]) -> list[Row]:
+def insert(conn: Any, items: list[tuple[str, str, str, dict]]) -> list[Row]:
     """Insert ``(tenant, kind, device, data)`` items; returns the stored rows.
 
     Raises :class:`iotd.errors.ItemInvalid` (nothing of the call is kept: the writer
     rolls the call's savepoint back) for a reading whose ``packet_id`` is not
     a packet of the same tenant and device.
     """
-    last = conn.execute("SELECT max(inserted_us) FROM events").fetchone()[0] or 0
+    count = len(items)
+    if not count:
+        return []
     now = int(time.time() * 1_000_000)
+    last_id, last_us = conn.execute(
+        "UPDATE event_seq SET last_id = last_id + ?, "
+        "last_us = CASE WHEN last_us < ? THEN ? ELSE last_us + 1 END + ? "
+        "WHERE id = 1 RETURNING last_id, last_us",
+        (count, now, now, count - 1),
+    ).fetchone()
+    first_id, first_us = last_id - count + 1, last_us - count + 1
     rows: list[Row] = []
     packets: set[tuple[str, str, int]] = set()  # checked already in this call
     for index, (tenant, kind, device, data) in enumerate(items):
         if kind == "reading" and data.get("packet_id") is not None:
             _check_packet(conn, packets, index, tenant, device, data["packet_id"])
         text, data = _text(data)
-        stamp = now if now > last else last + 1
-        last = stamp
-        cur = conn.execute(
-            "INSERT INTO events (tenant, kind, device, inserted_us, data) VALUES (?, ?, ?, ?, ?)",
-            (tenant, kind, device, stamp, text),
+        event_id, stamp = first_id + index, first_us + index
+        conn.execute(
+            "INSERT INTO events (id, tenant, kind, device, inserted_us, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (event_id, tenant, kind, device, stamp, text),
         )
-        rows.append((cur.lastrowid, tenant, kind, device, stamp, data))
+        rows.append((event_id, tenant, kind, device, stamp, data))
     return rows
 
 
-def _check_packet(conn: sqlite3.Connection, seen: set, index: int, tenant: str, device: str,
+def _check_packet(conn: Any, seen: set, index: int, tenant: str, device: str,
                   packet_id: int) -> None:
     if (tenant, device, packet_id) in seen:
         return
@@ -81,18 +93,19 @@ def _text(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False), data
 
 
-def last_id_at_or_before(conn: sqlite3.Connection, micros: int) -> int:
+def last_id_at_or_before(conn: Any, micros: int) -> int:
     """The id of the last event stamped at or before ``micros`` (0 if none)."""
     row = conn.execute("SELECT max(id) FROM events WHERE inserted_us <= ?", (micros,)).fetchone()
     return row[0] or 0
 
 
-def last_id(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT max(id) FROM events").fetchone()[0] or 0
+def last_id(conn: Any) -> int:
+    """The last event id allocated (every event up to it is committed or pruned)."""
+    return conn.execute("SELECT last_id FROM event_seq WHERE id = 1").fetchone()[0]
 
 
 def read(
-    conn: sqlite3.Connection,
+    conn: Any,
     tenant: str,
     kinds: Iterable[str],
     after_id: int,
@@ -123,12 +136,12 @@ def read(
     ]
 
 
-def get(conn: sqlite3.Connection, event_id: int) -> Row | None:
+def get(conn: Any, event_id: int) -> Row | None:
     r = conn.execute(
         "SELECT id, tenant, kind, device, inserted_us, data FROM events WHERE id = ?", (event_id,)
     ).fetchone()
     return (r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) if r else None
 
 
-def prune(conn: sqlite3.Connection, before_us: int) -> int:
+def prune(conn: Any, before_us: int) -> int:
     return conn.execute("DELETE FROM events WHERE inserted_us < ?", (before_us,)).rowcount

@@ -8,13 +8,12 @@ view is.  Reads that feed the ring return the revision of the same snapshot.
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any, Iterable
 
 COLUMNS = "id, tenant, name, role, groups, permissions, key_hash, created_at, expires_at, last_used_at"
 
 
-def bump_revision(conn: sqlite3.Connection) -> int:
+def bump_revision(conn: Any) -> int:
     """Add one to the key revision; returns the new revision."""
     row = conn.execute(
         "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE name = 'keys_revision'"
@@ -23,7 +22,7 @@ def bump_revision(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def revision(conn: sqlite3.Connection) -> int:
+def revision(conn: Any) -> int:
     row = conn.execute("SELECT value FROM meta WHERE name = 'keys_revision'").fetchone()
     return int(row[0]) if row else 0
 
@@ -36,7 +35,7 @@ def _row(r: tuple) -> dict[str, Any]:
     }
 
 
-def insert(conn: sqlite3.Connection, key: dict[str, Any]) -> int:
+def insert(conn: Any, key: dict[str, Any]) -> int:
     """Store a new key; returns the key revision this write produced."""
     conn.execute(
         f"INSERT INTO api_keys ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -49,7 +48,7 @@ def insert(conn: sqlite3.Connection, key: dict[str, Any]) -> int:
     return bump_revision(conn)
 
 
-def delete(conn: sqlite3.Connection, key_id: str, tenant: str | None = None) -> int | None:
+def delete(conn: Any, key_id: str, tenant: str | None = None) -> int | None:
     """Remove a key; the key revision this produced, or None when there was no such key."""
     if tenant is None:
         cur = conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
@@ -60,7 +59,7 @@ def delete(conn: sqlite3.Connection, key_id: str, tenant: str | None = None) -> 
     return bump_revision(conn)
 
 
-def all_keys(conn: sqlite3.Connection) -> tuple[int, list[dict[str, Any]]]:
+def all_keys(conn: Any) -> tuple[int, list[dict[str, Any]]]:
     """The revision and every key, read in one snapshot."""
     conn.execute("BEGIN")
     try:
@@ -71,7 +70,7 @@ def all_keys(conn: sqlite3.Connection) -> tuple[int, list[dict[str, Any]]]:
     return rev, rows
 
 
-def changed_since(conn: sqlite3.Connection, known: int) -> tuple[int, list[dict[str, Any]] | None]:
+def changed_since(conn: Any, known: int) -> tuple[int, list[dict[str, Any]] | None]:
     """The revision, and every key if the revision is newer than ``known`` (one snapshot)."""
     conn.execute("BEGIN")
     try:
@@ -84,7 +83,7 @@ def changed_since(conn: sqlite3.Connection, known: int) -> tuple[int, list[dict[
     return rev, rows
 
 
-def by_hashes(conn: sqlite3.Connection, digests: Iterable[str]) -> tuple[int, list[dict[str, Any]]]:
+def by_hashes(conn: Any, digests: Iterable[str]) -> tuple[int, list[dict[str, Any]]]:
     """The revision and the keys with these SHA-256 digests (point queries on the unique index)."""
     digests = list(digests)
     conn.execute("BEGIN")
@@ -98,15 +97,15 @@ def by_hashes(conn: sqlite3.Connection, digests: Iterable[str]) -> tuple[int, li
     return rev, rows
 
 
-def by_id(conn: sqlite3.Connection, key_id: str) -> dict[str, Any] | None:
+def by_id(conn: Any, key_id: str) -> dict[str, Any] | None:
     row = conn.execute(f"SELECT {COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
     return _row(row) if row else None
 
 
-def count(conn: sqlite3.Connection) -> int:
+def count(conn: Any) -> int:
     return conn.execute("SELECT count(*) FROM api_keys").fetchone()[0]
 
 
-def touch(conn: sqlite3.Connection, used: list[tuple[str, int]]) -> None:
+def touch(conn: Any, used: list[tuple[str, int]]) -> None:
     """Record ``lastUsedAt`` for several keys (no revision bump)."""
     conn.executemany("UPDATE api_keys SET last_used_at = ? WHERE id = ?", [(t, k) for k, t in used])

@@ -2,11 +2,11 @@
 
 import json
 import signal
-import sqlite3
 import threading
 import time
 import urllib.request
 
+import dbutil
 from daemon_process import DaemonProcess
 
 
@@ -47,9 +47,10 @@ def test_acknowledged_events_survive_kill_9(tmp_path):
     d2 = DaemonProcess(tmp_path, port=d.port).start()
     try:
         assert d2.admin_key == key
-        conn = sqlite3.connect(tmp_path / "data" / "iotd.sqlite3")
+        conn = dbutil.connect(dbutil.target(tmp_path / "data" / "iotd.sqlite3"))
         try:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            if conn.dialect == "sqlite":
+                assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             stored = {row[0] for row in conn.execute("SELECT id FROM events")}
         finally:
             conn.close()

@@ -1,7 +1,7 @@
 """Keys never reach a log; a key is found by its SHA-256 digest, which is all the store holds."""
 
 import hashlib
-import sqlite3
+import dbutil
 
 import pytest_twisted
 from daemon_process import DaemonProcess
@@ -31,7 +31,7 @@ def test_keys_never_appear_in_the_log(tmp_path):
 async def test_a_key_is_found_by_its_sha256_digest_which_is_all_the_store_holds(daemon):
     status, body = await daemon.request("POST", "/api/v1/api-keys", {"name": "probe", "role": "read_only"})
     key, key_id = body["key"], body["id"]
-    conn = sqlite3.connect(daemon.ctx.config.database_path)
+    conn = dbutil.connect(daemon.ctx.config)
     try:
         row = conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
     finally:

@@ -11,6 +11,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer
 
+import dbutil
 from daemon_process import DaemonProcess, free_port
 from test_tls import make_ca_and_cert
 from ws_helpers import Client, RawClient, in_thread, sleep, ws_url
@@ -93,7 +94,8 @@ async def test_wss_on_an_ssl_endpoint(tmp_path):
     d = DaemonProcess(tmp_path, port=port)
     with open(d.ini, "w") as f:
         f.write(f"[iotd]\ndata_dir = data\n[http]\nlisten = ssl:{port}:interface=127.0.0.1"
-                f":privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'} tcp:{free_port()}:interface=127.0.0.1\n")
+                f":privateKey={tmp_path / 'key.pem'}:certKey={tmp_path / 'cert.pem'} tcp:{free_port()}:interface=127.0.0.1\n"
+                + dbutil.store_ini(tmp_path / "data"))
     d.port = int(open(d.ini).read().split("tcp:")[1].split(":")[0])  # health checks over the plain port
     d.start()
     try:

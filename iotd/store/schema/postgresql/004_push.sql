@@ -1,4 +1,4 @@
--- iotd schema 3: push reads that the store answers as the authority for commands.
+-- iotd schema 4: push reads that the store answers as the authority for commands.
 -- Valid SQL on SQLite and PostgreSQL.
 -- Which devices have unfinished work (rebuilt at start, refreshed every second).
 CREATE INDEX commands_unfinished ON commands (status, tenant, device, id) WHERE status IN ('queued', 'sent');
