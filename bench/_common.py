@@ -98,3 +98,36 @@ def stop_process(proc: Any, timeout: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class pg_database:
+    """``with pg_database() as url:`` a fresh PostgreSQL database for one benchmark run (dropped after).
+
+    ``url`` is None when no PostgreSQL answers at ``IOTD_BENCH_PG`` (default
+    ``postgresql://postgres@127.0.0.1:5432/postgres``): the PostgreSQL rows are
+    then left out, with one line saying so.
+    """
+
+    def __init__(self, admin_url: str | None = None):
+        self.admin_url = admin_url or os.environ.get("IOTD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+        self.name = f"iotd_bench_{os.getpid()}_{os.urandom(3).hex()}"
+        self.url: str | None = None
+
+    def _admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql)
+
+    def __enter__(self) -> str | None:
+        try:
+            self._admin(f'CREATE DATABASE "{self.name}"')
+        except Exception as e:  # no server, no rights: the SQLite rows still run
+            print(f"PostgreSQL not reachable ({type(e).__name__}): the *_postgresql rows are left out")
+            return None
+        self.url = self.admin_url.rsplit("/", 1)[0] + "/" + self.name
+        return self.url
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.url is not None:
+            self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')

@@ -18,6 +18,9 @@ Rows:
 * ``fanout_1000``: 1,000 sockets on one device's packet socket; events
   delivered per second (frames received, all sockets together) at saturation
   (the ingester posts batches of 20 in a closed loop, 2 requests in flight).
+* ``fanout_1000_postgresql``: the same on iotd with ``[store] url`` on a
+  fresh PostgreSQL database; peer = iotd on SQLite, the two alternating in
+  the same run (3 rounds each, medians, with the spread).
 * ``fanout_subscribe_1000``: 1,000 subscription connections, each with
   ``up.sub devicePublish {projectID}``; same peer figure.
 * ``fanout_latency_p99``: 1,000 device sockets on 1,000 devices, 1,000
@@ -54,7 +57,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import merge_results, print_table, stop_process  # noqa: E402
+from _common import median, merge_results, pg_database, print_table, stop_process  # noqa: E402
 
 PY = sys.executable
 TWISTD = os.path.join(os.path.dirname(PY), "twistd")
@@ -124,14 +127,15 @@ class Iotd:
 
     name = "iotd"
 
-    def __init__(self) -> None:
+    def __init__(self, store_url: str = "") -> None:
         self.dir = tempfile.mkdtemp(prefix="iotd-fanout-")
         self.port = free_port()
         self.ws_port = self.http_port = self.port
         with open(os.path.join(self.dir, "iotd.ini"), "w") as f:
             f.write(f"[iotd]\ndata_dir = data\nlog_level = warn\n"
                     f"[http]\nlisten = tcp:{self.port}:interface=127.0.0.1\n"
-                    f"max_connections_per_address = 0\n")  # every bench client is 127.0.0.1
+                    f"max_connections_per_address = 0\n"  # every bench client is 127.0.0.1
+                    + (f"[store]\nurl = {store_url}\n" if store_url else ""))
         self.proc: subprocess.Popen | None = None
         self.key = ""
 
@@ -691,16 +695,46 @@ def with_server(cls: type, fn, *args):
         server.stop()
 
 
+def _spread(runs: list[dict]) -> str:
+    return f"{min(r['rate'] for r in runs):.0f}-{max(r['rate'] for r in runs):.0f}"
+
+
+def fanout_rounds(quick: bool, pg_url: str | None) -> dict[str, list[dict]]:
+    """``fanout_1000`` on iotd (SQLite), iotd (PostgreSQL, when reachable) and the peer, alternating,
+    3 rounds (1 with ``--quick``); each run on a fresh server with the same work."""
+    runs: dict[str, list[dict]] = {"sqlite": [], "postgresql": [], "peer": []}
+    for _ in range(1 if quick else 3):
+        runs["sqlite"].append(with_server(Iotd, throughput, "element", quick))
+        if pg_url:
+            with pg_database() as url:  # a fresh database per run, as the SQLite runs get a fresh file
+                runs["postgresql"].append(with_server(lambda: Iotd(url), throughput, "element", quick))
+        runs["peer"].append(with_server(Peer, throughput, "element", quick))
+    return runs
+
+
 def run(quick: bool = False) -> list[dict]:
     raise_nofile()
     rows = []
-    iotd = with_server(Iotd, throughput, "element", quick)
+    with pg_database() as probe:  # is PostgreSQL there at all?
+        pg_url = probe
+    runs = fanout_rounds(quick, pg_url)
+    iotd = {"rate": median(r["rate"] for r in runs["sqlite"]), "open": runs["sqlite"][-1]["open"],
+            "sent": runs["sqlite"][-1]["sent"]}
+    peer = {"rate": median(r["rate"] for r in runs["peer"]), "sent": runs["peer"][-1]["sent"]}
     iotd_sub = with_server(Iotd, throughput, "subscribe", quick)
     peer = with_server(Peer, throughput, "element", quick)
     rows.append({"name": "fanout_1000", "unit": "events/s", "iotd": round(iotd["rate"]),
                  "peer_name": Peer.name, "peer": round(peer["rate"]),
                  "ratio": round(iotd["rate"] / peer["rate"], 3) if peer["rate"] else None,
-                 "open": iotd["open"], "ingested": iotd["sent"], "peer_ingested": peer["sent"]})
+                 "open": iotd["open"], "ingested": iotd["sent"], "peer_ingested": peer["sent"],
+                 "runs": len(runs["sqlite"]), "spread": _spread(runs["sqlite"]), "peer_spread": _spread(runs["peer"])})
+    if runs["postgresql"]:
+        pg = median(r["rate"] for r in runs["postgresql"])
+        rows.append({"name": "fanout_1000_postgresql", "unit": "events/s", "iotd": round(pg),
+                     "peer_name": "iotd on SQLite", "peer": round(iotd["rate"]),
+                     "ratio": round(pg / iotd["rate"], 3) if iotd["rate"] else None,
+                     "runs": len(runs["postgresql"]), "spread": _spread(runs["postgresql"]),
+                     "open": runs["postgresql"][-1]["open"]})
     rows.append({"name": "fanout_subscribe_1000", "unit": "events/s", "iotd": round(iotd_sub["rate"]),
                  "peer_name": Peer.name, "peer": round(peer["rate"]),
                  "ratio": round(iotd_sub["rate"] / peer["rate"], 3) if peer["rate"] else None,

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import median, merge_results, print_table, stop_process  # noqa: E402
+from _common import median, merge_results, pg_database, print_table, stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
@@ -365,7 +365,8 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None
 
 
 class Iotd:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, store_url: str = ""):
+        os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.port = free_port()
         ini = os.path.join(workdir, "iotd.ini")
@@ -375,7 +376,8 @@ class Iotd:
                     f"max_connections_per_address = 0\n"  # 10,000 keep-alive devices from one address
                     f"[push]\ncommand_timeout = 600\noffline_after = 600\n"
                     f"auto_register_per_minute = 1000000\n"  # the bench registers 10,000 devices by polling
-                    f"[devicelink]\nenabled = false\n")
+                    f"[devicelink]\nenabled = false\n"
+                    + (f"[store]\nurl = {store_url}\n" if store_url else ""))
         self.log = open(os.path.join(workdir, "twistd.log"), "wb")
         self.proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "iotd", "-c", ini], cwd=workdir,
                                      env=_env(), stdout=self.log, stderr=subprocess.STDOUT)
@@ -415,51 +417,70 @@ def generate(port: int, mode: str, devices: int, first_id: int, seconds: float =
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _row(name: str, iotd_runs: list[dict], peer_runs: list[dict], **extra: Any) -> dict[str, Any]:
+def _row(name: str, iotd_runs: list[dict], peer_runs: list[dict], peer_name: str = "twisted.web bare",
+         **extra: Any) -> dict[str, Any]:
     iotd = median(r["rate"] for r in iotd_runs)
     peer = median(r["rate"] for r in peer_runs)
-    row = {"name": name, "unit": "req/s", "iotd": round(iotd, 1), "peer_name": "twisted.web bare",
-           "peer": round(peer, 1), "ratio": round(iotd / peer, 3) if peer else None}
+    row = {"name": name, "unit": "req/s", "iotd": round(iotd, 1), "peer_name": peer_name,
+           "peer": round(peer, 1), "ratio": round(iotd / peer, 3) if peer else None,
+           "spread": f"{min(r['rate'] for r in iotd_runs):.0f}-{max(r['rate'] for r in iotd_runs):.0f}"}
     row.update(extra)
     return row
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
+    """Each measurement alternates iotd on SQLite, iotd on PostgreSQL (when reachable) and the bare
+    peer, ``reps`` times, with the same devices and commands for each."""
     reps = 3
     seconds, warmup = (1.0, 0.3) if quick else (6.0, 1.0)
     devices = 2_000 if quick else DEVICES  # quick is a smoke check; the contract figure is the full run
     rows = []
-    with tempfile.TemporaryDirectory(prefix="iotd-bench-push-") as workdir:
-        iotd = Iotd(workdir)
+    with tempfile.TemporaryDirectory(prefix="iotd-bench-push-") as workdir, pg_database() as pg_url:
+        daemons = {"sqlite": Iotd(os.path.join(workdir, "sqlite"))}
         try:
+            if pg_url:
+                daemons["postgresql"] = Iotd(os.path.join(workdir, "postgresql"), pg_url)
             # idle polls
             bare = Bare("idle")
+            runs: dict[str, list[dict]] = {name: [] for name in daemons}
+            peer_runs: list[dict] = []
             try:
-                iotd_runs, peer_runs = [], []
                 for _ in range(reps):
-                    iotd_runs.append(generate(iotd.port, "idle", devices, FIRST_ID, seconds, warmup))
+                    for name, iotd in daemons.items():
+                        runs[name].append(generate(iotd.port, "idle", devices, FIRST_ID, seconds, warmup))
                     peer_runs.append(generate(bare.port, "idle", devices, FIRST_ID, seconds, warmup))
             finally:
                 bare.stop()
-            rows.append(_row("push_idle_polls", iotd_runs, peer_runs, devices=devices,
-                             errors=sum(r["errors"] for r in iotd_runs + peer_runs)))
+            errors = sum(r["errors"] for rs in list(runs.values()) + [peer_runs] for r in rs)
+            rows.append(_row("push_idle_polls", runs["sqlite"], peer_runs, devices=devices, errors=errors))
+            if "postgresql" in runs:
+                rows.append(_row("push_idle_polls_postgresql", runs["postgresql"], runs["sqlite"],
+                                 peer_name="iotd on SQLite", devices=devices, errors=errors))
             # command round trips: K commands per device, all devices at once; rate = commands / makespan
             bare = Bare("roundtrip")
             per_device = 1 if quick else 3
+            runs = {name: [] for name in daemons}
+            peer_runs = []
             try:
-                iotd_runs, peer_runs = [], []
                 for _ in range(reps):
-                    iotd_runs.append(generate(iotd.port, "roundtrip", devices, FIRST_ID, key=iotd.key,
-                                              per_device=per_device, rounds=per_device))
+                    for name, iotd in daemons.items():
+                        runs[name].append(generate(iotd.port, "roundtrip", devices, FIRST_ID, key=iotd.key,
+                                                   per_device=per_device, rounds=per_device))
                     peer_runs.append(generate(bare.port, "roundtrip", devices, FIRST_ID, rounds=per_device))
             finally:
                 bare.stop()
-            rows.append(_row("push_roundtrips", iotd_runs, peer_runs, devices=devices,
-                             commands_per_device=per_device,
-                             queue_per_s=round(median(r["queue_per_s"] for r in iotd_runs), 1),
-                             errors=sum(r["errors"] for r in iotd_runs + peer_runs)))
+            errors = sum(r["errors"] for rs in list(runs.values()) + [peer_runs] for r in rs)
+            for name, peer, peer_name in (("push_roundtrips", peer_runs, "twisted.web bare"),
+                                          ("push_roundtrips_postgresql", runs["sqlite"], "iotd on SQLite")):
+                backend = "postgresql" if name.endswith("_postgresql") else "sqlite"
+                if backend in runs:
+                    rows.append(_row(name, runs[backend], peer, peer_name=peer_name, devices=devices,
+                                     commands_per_device=per_device,
+                                     queue_per_s=round(median(r["queue_per_s"] for r in runs[backend]), 1),
+                                     errors=errors))
         finally:
-            iotd.stop()
+            for iotd in daemons.values():
+                iotd.stop()
     return rows
 
 
