@@ -111,12 +111,13 @@ def complete(conn: Any, tenant: str, device: str, outcome: dict[str, Any], now_u
     transition = Transition.COMPLETE if outcome["status"] == Status.DONE else Transition.FAIL
     fields = {k: v for k, v in outcome.items() if k != "status"}
     for _ in range(PASSES):
-        row = cmdsql.oldest_unfinished(conn, tenant, device)
-        if row is None or row[3] != Status.SENT:
-            return Finished(None, row is not None), []  # an orphan: no command waits for a result
-        cmd = Command.from_row(row)
+        rows = cmdsql.two_oldest_unfinished(conn, tenant, device)
+        if not rows or rows[0][3] != Status.SENT:
+            return Finished(None, bool(rows)), []  # an orphan: no command waits for a result
+        cmd = Command.from_row(rows[0])
         if _finish(conn, cmd, transition, now_us, **fields):
-            return Finished(cmd, cmdsql.has_unfinished(conn, tenant, device)), [cmd.finish_event()]
+            # the device lock (or SQLite's single writer) keeps the second row where it was
+            return Finished(cmd, len(rows) > 1), [cmd.finish_event()]
     return Finished(None, True), []
 
 

@@ -43,11 +43,13 @@ def lock_device(conn: Any, tenant: str, device: str) -> bool:
 
     PostgreSQL: ``SELECT ... FOR UPDATE`` (two nodes polling one device queue up
     here).  SQLite: the writer's ``BEGIN IMMEDIATE`` already serialises every
-    write transaction, so the plain ``SELECT`` suffices.
+    write transaction (of every process on the file), so there is nothing to
+    lock and no statement is run (True: the caller reads the device's commands
+    next anyway).
     """
-    sql = "SELECT 1 FROM devices WHERE tenant = ? AND identifier = ?"
-    if getattr(conn, "dialect", "sqlite") == "postgresql":
-        sql += " FOR UPDATE"
+    if getattr(conn, "dialect", "sqlite") != "postgresql":
+        return True
+    sql = "SELECT 1 FROM devices WHERE tenant = ? AND identifier = ? FOR UPDATE"
     return conn.execute(sql, (tenant, device)).fetchone() is not None
 
 
@@ -67,6 +69,13 @@ def oldest_unfinished(conn: Any, tenant: str, device: str) -> Row | None:
     return conn.execute(
         f"SELECT {COLUMNS} FROM commands WHERE tenant = ? AND device = ? AND status IN ('queued', 'sent') "
         "ORDER BY id LIMIT 1", (tenant, device)).fetchone()
+
+
+def two_oldest_unfinished(conn: Any, tenant: str, device: str) -> list[Row]:
+    """The device's two oldest queued or sent commands (the one a result is for, and whether more wait)."""
+    return conn.execute(
+        f"SELECT {COLUMNS} FROM commands WHERE tenant = ? AND device = ? AND status IN ('queued', 'sent') "
+        "ORDER BY id LIMIT 2", (tenant, device)).fetchall()
 
 
 def has_unfinished(conn: Any, tenant: str, device: str) -> bool:
