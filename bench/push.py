@@ -319,7 +319,7 @@ class Gen:
             started = time.perf_counter()
             for conn in conns:
                 self.poll(conn)
-            finished = await asyncio.wait_for(self.all_done, 600)
+            finished = await asyncio.wait_for(self.all_done, 3600)  # PostgreSQL at 10,000 devices is slow
             elapsed = finished - started
         result.update(rate=self.count / elapsed, count=self.count, seconds=round(elapsed, 3),
                       errors=self.errors, lost=self.lost, empty=self.empty)
@@ -411,7 +411,7 @@ def generate(port: int, mode: str, devices: int, first_id: int, seconds: float =
                           "--devices", str(devices), "--first-id", str(first_id), "--seconds", str(seconds),
                           "--warmup", str(warmup), "--key", key, "--per-device", str(per_device),
                           "--rounds", str(rounds)],
-                         env=_env(), stdout=subprocess.PIPE, text=True, timeout=900)
+                         env=_env(), stdout=subprocess.PIPE, text=True, timeout=5400)
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed ({out.returncode})")
     return json.loads(out.stdout.strip().splitlines()[-1])
