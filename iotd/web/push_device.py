@@ -127,16 +127,23 @@ class DeviceSide:
 
     # GET /push
 
-    def poll(self, request: Any) -> Any:
+    def caller(self, request: Any, what: str, forbidden: Any, bad: Any) -> tuple[str | None, int | None, Any]:
+        """``(host, device_id, None)`` of a device request, or ``(host, None, answer)`` when its
+        address is not allowed; a bad ``deviceId`` raises (400).  Both are counted."""
         host = self.host_of(request)
         if self.networks and not self.allowed(host):
-            _polls_forbidden.inc()
-            return self.forbidden(request, host, "poll")
+            forbidden.inc()
+            return host, None, self.forbidden(request, host, what)
         try:
-            device_id = self.device_id(request)
+            return host, self.device_id(request), None
         except errors.ApiError:
-            _polls_bad.inc()
+            bad.inc()
             raise
+
+    def poll(self, request: Any) -> Any:
+        host, device_id, refused = self.caller(request, "poll", _polls_forbidden, _polls_bad)
+        if device_id is None:
+            return refused
         if not self.svc.ready:
             return self.svc.when_ready().addCallback(lambda _: self._poll(request, device_id, host))
         return self._poll(request, device_id, host)
@@ -153,10 +160,9 @@ class DeviceSide:
                 return self.empty(request)
             return defer.Deferred.fromCoroutine(self._register(request, device_id, host))
         self.svc.seen(device, host)
-        request.quiet = True  # idle: hot path; a send: an action event in the event log
         if not self.svc.hand_out_then(device, _handed_out, request):
-            request.defaultContentType = None
-            return b""
+            return self.empty(request)  # idle: the hot path
+        request.quiet = True  # a send: an action event in the event log
         return NOT_DONE_YET  # answered by _handed_out once the transaction committed
 
     async def _register(self, request: Any, device_id: int, host: str | None) -> Any:
@@ -176,15 +182,9 @@ class DeviceSide:
     # POST /result
 
     def result(self, request: Any) -> Any:
-        host = self.host_of(request)
-        if self.networks and not self.allowed(host):
-            _results_forbidden.inc()
-            return self.forbidden(request, host, "result")
-        try:
-            device_id = self.device_id(request)
-        except errors.ApiError:
-            _results_bad.inc()
-            raise
+        host, device_id, refused = self.caller(request, "result", _results_forbidden, _results_bad)
+        if device_id is None:
+            return refused
         raw = request.content.read() if request.content is not None else b""
         values = request.args.get(b"endpoint")
         endpoint = values[0].decode("utf-8", "replace") if values else None
