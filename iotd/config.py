@@ -10,6 +10,9 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import os
+import re
+import socket
+import urllib.parse
 from typing import Any, Callable
 
 import attrs
@@ -117,6 +120,30 @@ def _store_url(text: str) -> str:
     return url
 
 
+def _bus_url(text: str) -> str:
+    url = text.strip()
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("expected empty (one node, in-process) or a redis:// or rediss:// URL")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("the port is not a number") from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database must be a number, got {db!r}")
+    return url
+
+
+def _node_name(text: str) -> str:
+    name = text.strip()
+    if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+        raise ValueError("expected letters, digits, '.', '_' or '-' (at most 63)")
+    return name
+
+
 def _level(text: str) -> str:
     low = text.strip().lower()
     if low not in ("debug", "info", "warn", "error"):
@@ -186,6 +213,16 @@ class StoreSection:
 
 
 @attrs.frozen
+class ClusterSection:
+    node: str = ""  # empty: the host name
+    bus: str = ""  # empty: in-process (one node); redis://host:6379/0 or rediss://
+
+    @property
+    def node_name(self) -> str:
+        return self.node or socket.gethostname()
+
+
+@attrs.frozen
 class RetentionSection:
     events_days: float = 30.0
 
@@ -199,6 +236,7 @@ class Config:
     websocket: WebsocketSection = WebsocketSection()
     retention: RetentionSection = RetentionSection()
     store: StoreSection = StoreSection()
+    cluster: ClusterSection = ClusterSection()
     path: str | None = None
 
     @property
@@ -271,6 +309,7 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
     ),
     "retention": (RetentionSection, {"events_days": _float_min(0)}),
     "store": (StoreSection, {"url": _store_url, "pool_size": _int_min(2)}),
+    "cluster": (ClusterSection, {"node": _node_name, "bus": _bus_url}),
 }
 
 

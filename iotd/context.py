@@ -13,7 +13,7 @@ import attrs
 
 @attrs.define
 class Context:
-    """What handlers reach: config, clock, store, keys, registry, events.
+    """What handlers reach: config, clock, store, keys, registry, events, cluster.
 
     A job's own service is not here: each job builds it and closes its routes
     over it (see :mod:`iotd.tap`).
@@ -25,3 +25,10 @@ class Context:
     keys: Any
     registry: Any
     events: Any
+    cluster: Any = attrs.field(factory=lambda: _single())  # iotd.cluster.node.Cluster
+
+
+def _single() -> Any:
+    from iotd.cluster.node import single
+
+    return single()

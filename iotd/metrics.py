@@ -40,3 +40,10 @@ store_health = Gauge("iotd_store_health", "1 for the store's current health stat
 # keys
 key_lookups = Counter("iotd_key_lookups_total",
                       "Unknown API keys looked up in the store before a 401", ["outcome"])
+
+# cluster
+bus_messages = Counter("iotd_bus_messages_total", "Messages on the bus between nodes", ["direction", "topic"])
+bus_up = Gauge("iotd_bus_up", "1 while the bus between nodes is connected")
+holes_filled = Counter("iotd_event_holes_filled_total",
+                       "Events read from the store because the bus did not bring them in order")
+leader = Gauge("iotd_leader", "1 while this node is the leader (runs the sweeps)")

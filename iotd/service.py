@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
 from iotd.auth import KeyRing
+from iotd.cluster.build import make_cluster
 from iotd.events import EventLog
 from iotd.logs import Logger
 from iotd.registry import Registry
@@ -43,6 +44,7 @@ class CoreService(service.Service):
         self.keys = KeyRing(self.store, reactor)
         self.registry = Registry(self.store, reactor)
         self.events = EventLog(self.store)
+        self.cluster = make_cluster(config, self.store, reactor)
         self.ready = False
         self.started: defer.Deferred = defer.Deferred()
         self._prune = LoopingCall(self._prune_events)

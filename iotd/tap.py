@@ -130,7 +130,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
     core = CoreService(cfg, reactor)
     core.setServiceParent(top)
     ctx = Context(config=cfg, reactor=reactor, store=core.store, keys=core.keys,
-                  registry=core.registry, events=core.events)
+                  registry=core.registry, events=core.events, cluster=core.cluster)
     areas = list(AREAS)
     for job in jobs(cfg):
         routes = job(ctx, top)
