@@ -36,6 +36,15 @@ class Cluster:
     channel: Channel
     leader: Any = attrs.Factory(AlwaysLeader)
     clustered: bool = False  # a bus joins this node to others
+    # Names of the nodes whose heartbeat in the store is fresh, this one included
+    # (kept by iotd.cluster.nodes; a node silent for DEAD_AFTER seconds is dead).
+    live: set[str] = attrs.Factory(set)
+
+    def __attrs_post_init__(self) -> None:
+        self.live.add(self.node)
+
+    def alive(self, node: str) -> bool:
+        return node in self.live
 
     def publish(self, topic: str, message: dict[str, Any]) -> None:
         """Tell the other nodes (at most once; the store is the backstop)."""
