@@ -24,7 +24,9 @@ Choices made:
   timers and counters themselves are the :class:`~iotd.relay.link.Link`'s.
 - The manager learns of a close through :meth:`Link.on_closed
   <iotd.relay.link.Link.on_closed>` (it frees the port, the tenant's slot and
-  flushes the link's metrics).
+  flushes the link's metrics).  Others learn of an open through
+  :meth:`LinkManager.on_opened` (and subscribe to the link's close there):
+  :mod:`iotd.relay.rows` writes the link's row in the store that way.
 - Metrics: ``links_open``/``links_total`` at open/close; the links' byte and
   datagram counts are flushed to Prometheus every ``flush_interval`` seconds
   and at close.
@@ -37,7 +39,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
@@ -125,6 +127,7 @@ class LinkManager:
         self._closing: set[Link] = set()
         self._ports: dict[str, set[int]] = {p: set() for p in PROTOCOLS}
         self._flusher: task.LoopingCall | None = None
+        self._opened: list[Callable[[Link], None]] = []
 
     # -- the API the REST layer uses ---------------------------------------
 
@@ -214,7 +217,20 @@ class LinkManager:
             encrypted=link.encrypted,
             timeout_ms=timeout_ms,
         )
+        for callback in tuple(self._opened):
+            try:
+                callback(link)
+            except Exception:
+                self.log.failure("link {token}: an open listener failed", token=link.token[:6])
         return link
+
+    def on_opened(self, callback: Callable[[Link], None]) -> None:
+        """``callback(link)`` after each link opened (its port bound, before ``open`` returns)."""
+        self._opened.append(callback)
+
+    def all_links(self) -> list[Link]:
+        """Every open link, oldest first."""
+        return list(self._links.values())
 
     def check_device_host(self, host: str) -> None:
         """Raise ``AddressNotAllowed`` for an address literal outside the policy (names pass)."""

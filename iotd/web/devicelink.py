@@ -2,8 +2,18 @@
 
 ``POST /api/v1/devicelink/{device}`` opens a TCP or UDP port relaying to the
 device's registry ``host``; ``DELETE /api/v1/devicelink/{token}`` closes it;
-``GET /api/v1/devicelink`` lists the tenant's open links.  The relay itself
-is :mod:`iotd.relay` (its service: :mod:`iotd.relay.service`).
+``GET /api/v1/devicelink`` lists the tenant's open links of every node
+(``GET /api/v1/devicelink/{token}`` one of them), each with its ``node``.
+The relay itself is :mod:`iotd.relay` (its service:
+:mod:`iotd.relay.service`; every node's links: :mod:`iotd.relay.directory`).
+
+Several nodes (spec 50): a link's sockets are on the node that created it
+(the create answer's ``node``).  The create answer waits for the link's row
+in the store to commit, so any node lists the link once it is answered.  A
+``DELETE`` on another node is forwarded over the bus
+(:mod:`iotd.relay.forward`): ``204`` once the owner confirmed the close,
+``504`` (``node_timeout``) when it did not answer within 5 s, ``503``
+(``node_failed``) when its close failed.
 
 Device addresses follow :mod:`iotd.relay.addresses`: an address literal
 outside the rule is 403 at creation (with an empty
@@ -28,6 +38,8 @@ from klein import Klein
 from twisted.application import service
 
 from iotd import errors
+from iotd.relay.directory import LinkDirectory
+from iotd.relay.forward import CloseTimeout
 from iotd.relay.links import AddressNotAllowed, LinkManager, NoFreePort, TenantLinkLimit
 from iotd.relay.service import start_links
 from iotd.context import Context
@@ -98,11 +110,12 @@ def check_device_host(host: str | None, manager: LinkManager) -> str:
     return host
 
 
-def routes(app: Klein, ctx: Context, manager: LinkManager) -> None:
+def routes(app: Klein, ctx: Context, directory: LinkDirectory) -> None:
     cfg = ctx.config.devicelink
+    manager = directory.manager
 
     @app.route("/api/v1/devicelink/<identifier>", methods=["POST"])
-    def create_link(request, identifier):
+    async def create_link(request, identifier):
         key = require(ctx, request, "deviceLink", "create")
         device = visible_device(ctx, key, identifier)
         req = parse_link_request(read_json(request), device, cfg.default_timeout_ms, cfg.require_source)
@@ -121,26 +134,45 @@ def routes(app: Klein, ctx: Context, manager: LinkManager) -> None:
         except ValueError as e:  # e.g. a UDP link to a device whose host is a name
             raise errors.Invalid(str(e)) from None
         out = {k: v for k, v in req.items() if not k.startswith("_") and v is not None}
-        out.update(device=device.identifier, port=link.port, token=link.token)
+        out.update(device=device.identifier, port=link.port, token=link.token, node=ctx.cluster.node)
         if cfg.public_host:
             out["host"] = cfg.public_host
+        await directory.rows.written(link.token)  # every node lists it once we answer
         return respond(request, 201, out)
 
     @app.route("/api/v1/devicelink/<token>", methods=["DELETE"])
-    def delete_link(request, token):
+    async def delete_link(request, token):
         key = require(ctx, request, "deviceLink", "delete")
-        link = manager.get(token)
-        if link is None or link.tenant != key.tenant or (key.limited and not _visible(ctx, key, link.device)):
+        try:
+            result = await directory.close(token, key.tenant, _visibility(ctx, key))
+        except CloseTimeout:
+            raise errors.ApiError("the node that holds this link did not confirm its close in time",
+                                  code="node_timeout", status=504) from None
+        if result == "unknown":
             raise errors.NotFound("no such link")
-        manager.close(token, tenant=key.tenant)
+        if result != "closed":
+            raise errors.Unavailable("the node that holds this link could not close it", code="node_failed")
         return respond(request, 204)
 
-    @app.route("/api/v1/devicelink", methods=["GET"])
-    def list_links(request):
+    @app.route("/api/v1/devicelink/<token>", methods=["GET"])
+    async def get_link(request, token):
         key = require(ctx, request, "deviceLink", "read")
-        links = [link for link in manager.links(key.tenant)
-                 if not key.limited or _visible(ctx, key, link.device)]
-        return respond(request, 200, {"items": [link.to_json() for link in links]})
+        doc = await directory.find(token, key.tenant, _visibility(ctx, key))
+        if doc is None:
+            raise errors.NotFound("no such link")
+        return respond(request, 200, doc)
+
+    @app.route("/api/v1/devicelink", methods=["GET"])
+    async def list_links(request):
+        key = require(ctx, request, "deviceLink", "read")
+        return respond(request, 200, {"items": await directory.list(key.tenant, _visibility(ctx, key))})
+
+
+def _visibility(ctx: Context, key: Any):
+    """``visible(device)`` for ``key``: every device of its tenant, or those its groups allow."""
+    if not key.limited:
+        return lambda identifier: True
+    return lambda identifier: _visible(ctx, key, identifier)
 
 
 def _visible(ctx: Context, key: Any, identifier: str) -> bool:
@@ -152,5 +184,5 @@ def job(ctx: Context, parent: service.MultiService):
     """The link manager's service when ``[devicelink] enabled``, and the routes that use it."""
     if not ctx.config.devicelink.enabled:
         return None
-    manager = start_links(ctx.config.devicelink, ctx.reactor, ctx.registry, parent)
-    return lambda app, ctx: routes(app, ctx, manager)
+    directory = start_links(ctx, parent)
+    return lambda app, ctx: routes(app, ctx, directory)
