@@ -83,7 +83,7 @@ class LinkRows:
         self._written[token] = None
         d = self._write([link])
         self._first[token] = d
-        d.addBoth(lambda _: self._first.pop(token, None))
+        d.addBoth(lambda _: _forget(self._first, token))
         link.on_closed(self.closed)
 
     def closed(self, link: Link, reason: str) -> None:
@@ -92,7 +92,7 @@ class LinkRows:
         self._written.pop(token, None)
         d = self._delete([token])
         self._deleting[token] = d
-        d.addBoth(lambda _: self._deleting.pop(token, None))
+        d.addBoth(lambda _: _forget(self._deleting, token))
 
     def written(self, token: str) -> defer.Deferred:
         """Fires (with None, never fails) when the first write of ``token``'s row has ended."""
@@ -184,6 +184,10 @@ class LinkRows:
 
         d.addErrback(failed)
         return d
+
+
+def _forget(table: dict[str, Any], token: str) -> None:
+    table.pop(token, None)
 
 
 def _quiet(d: defer.Deferred | None) -> defer.Deferred:
