@@ -50,6 +50,7 @@ class CoreService(service.Service):
         self.events = EventLog(self.store)
         self.cluster = make_cluster(config, self.store, reactor)
         self.heartbeat: Heartbeat | None = None
+        self._revision_check: Any = None
         self.ready = False
         self.started: defer.Deferred = defer.Deferred()
         self._prune = LoopingCall(self._prune_events)
@@ -83,7 +84,7 @@ class CoreService(service.Service):
             self.events.sequencer = Sequencer(self.events, cluster.channel, self.clock)
             await cluster.channel.start()
             self.events.sequencer.start()
-        propagate(cluster, self.keys, self.registry)
+        self._revision_check = propagate(cluster, self.keys, self.registry, self.clock)
         self.heartbeat = Heartbeat(cluster, self.store, self.clock,
                                    {"public_host": self.config.devicelink.public_host})
         await self.heartbeat.start_beating()
@@ -134,6 +135,8 @@ class CoreService(service.Service):
 
     async def _leave(self) -> None:
         cluster = self.cluster
+        if self._revision_check is not None and self._revision_check.running:
+            self._revision_check.stop()
         try:
             await cluster.leader.stop()
         except Exception:

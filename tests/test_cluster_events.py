@@ -169,3 +169,25 @@ def test_a_node_without_a_bus_refuses_to_share_the_store_with_a_live_node(tmp_pa
         lines = (out.stdout + out.stderr).strip().splitlines()
         assert lines == ["iotd: config error: [cluster] bus: another node (a) uses this store; set a bus"]
         assert sys.executable  # (the same interpreter ran both)
+
+
+def test_a_registry_change_whose_message_was_lost_arrives_by_the_revision_check(tmp_path):
+    import json
+
+    import psycopg
+
+    with Nodes(tmp_path) as nodes:
+        key = nodes.admin_key
+        assert nodes["a"].request("PUT", "/api/v1/devices/lost1", {"tags": ["old"]}, key=key)[0] == 201
+        wait_for(lambda: nodes["b"].request("GET", "/api/v1/devices/LOST1", key=key)[0] == 200, 1.0, "b has it")
+        # Another node's write whose bus message never came: the row and the revision only.
+        with psycopg.connect(nodes.store_url, autocommit=True) as conn:
+            doc = json.loads(conn.execute("SELECT doc FROM devices WHERE identifier = 'LOST1'").fetchone()[0])
+            doc["tags"] = ["new"]
+            with conn.transaction():
+                conn.execute("UPDATE devices SET doc = %s WHERE identifier = 'LOST1'", (json.dumps(doc),))
+                conn.execute("UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) "
+                             "WHERE name = 'registry_revision'")
+        for name in ("a", "b"):
+            wait_for(lambda name=name: nodes[name].request("GET", "/api/v1/devices/LOST1", key=key)[1]["tags"]
+                     == ["new"], 3.5, f"{name} reloads after two revision checks")

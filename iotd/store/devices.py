@@ -74,3 +74,31 @@ def upsert_stream(conn: Any, tenant: str, stream_id: str, doc: dict) -> None:
 def delete_stream(conn: Any, tenant: str, stream_id: str) -> bool:
     cur = conn.execute("DELETE FROM streams WHERE tenant = ? AND id = ?", (tenant, stream_id))
     return bool(cur.rowcount)
+
+
+def revision(conn: Any) -> int:
+    """The registry revision: bumped by every device and stream write (schema 5)."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'registry_revision'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _bump(conn: Any) -> int:
+    row = conn.execute("UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) "
+                       "WHERE name = 'registry_revision' RETURNING value").fetchone()
+    return int(row[0]) if row else 0
+
+
+def bumped(fn: Any) -> Any:
+    """``fn`` (a registry write) followed, in its transaction, by the revision bump: ``(result, revision)``."""
+    def write(conn: Any, *args: Any) -> tuple[Any, int]:
+        result = fn(conn, *args)
+        return result, _bump(conn)
+
+    write.__name__ = f"bumped_{fn.__name__}"
+    return write
+
+
+upsert_bumped = bumped(upsert)
+delete_bumped = bumped(delete)
+upsert_stream_bumped = bumped(upsert_stream)
+delete_stream_bumped = bumped(delete_stream)
