@@ -57,10 +57,15 @@ class Registry:
         self._streams: dict[tuple[str, str], Stream] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._delete_listeners: list[Callable[[Device], None]] = []
+        self._change_listeners: list[Callable[[str, str, str, int], None]] = []
+        self.revision = 0  # every registry change up to this revision is in memory
+        self._ahead: set[int] = set()  # revisions applied beyond it (a message came before another)
+        self._behind: int | None = None
         self._flush_loop = LoopingCall(self.flush)
         self._flush_loop.clock = clock
 
     async def start(self) -> None:
+        self.revision = await self._store.read(devsql.revision)
         for tenant, ident, doc in await self._store.read(devsql.load_all):
             device = Device(tenant=tenant, identifier=ident, **doc)
             device.online = False  # nobody has polled this run yet
@@ -204,19 +209,26 @@ class Registry:
         if old is not None:  # runtime state survives a replace
             device.online, device.lastSeen, device.lastAddress = old.online, old.lastSeen, old.lastAddress
         try:
-            await self._store.write(devsql.upsert, tenant, ident, push_id, device.doc())
+            _, revision = await self._store.write(devsql.upsert_bumped, tenant, ident, push_id, device.doc())
         except devsql.PushIdTaken:
             raise errors.Conflict(f"pushId {push_id} belongs to another device") from None
         self._index(device)  # replaces whatever is there now (another put may have won meanwhile)
         self._dirty.discard((tenant, ident))
+        self._changed("device", tenant, ident, revision)
         return device, old is None
 
     async def delete(self, tenant: str, identifier: str) -> bool:
         ident = normalize_identifier(identifier)
-        removed = await self._store.write(devsql.delete, tenant, ident)
+        removed, revision = await self._store.write(devsql.delete_bumped, tenant, ident)
+        self._changed("device", tenant, ident, revision)
         device = self._devices.get((tenant, ident))
         if device is None:
             return removed
+        self._drop(device)
+        return True
+
+    def _drop(self, device: Device) -> None:
+        tenant, ident = device.tenant, device.identifier
         self._unindex(device)
         self._dirty.discard((tenant, ident))
         for fn in list(self._delete_listeners):
@@ -224,7 +236,89 @@ class Registry:
                 fn(device)
             except Exception:
                 self.log.failure("device delete listener failed")
+
+    def add_change_listener(self, fn: Callable[[str, str, str, int], None]) -> None:
+        """``fn(what, tenant, id, revision)`` after this process changed a device or a stream
+        (``what``: "device" | "stream"), to tell the other nodes."""
+        self._change_listeners.append(fn)
+
+    def _changed(self, what: str, tenant: str, ident: str, revision: int) -> None:
+        self.applied(revision)
+        for fn in list(self._change_listeners):
+            try:
+                fn(what, tenant, ident, revision)
+            except Exception:
+                self.log.failure("registry change listener failed")
+
+    # -- the revision backstop ------------------------------------------------
+
+    def applied(self, revision: int) -> None:
+        """The change that made ``revision`` is in memory (written here, or reloaded after a message)."""
+        if revision <= self.revision:
+            return
+        self._ahead.add(revision)
+        while self.revision + 1 in self._ahead:
+            self.revision += 1
+            self._ahead.discard(self.revision)
+
+    async def check_revision(self) -> bool:
+        """The backstop for lost bus messages: if the store's revision stays ahead of every
+        change applied here for two checks in a row, reload everything.  True if it did."""
+        stored = await self._store.read(devsql.revision)
+        if stored <= self.revision:
+            self._behind = None
+            return False
+        if self._behind != self.revision:
+            self._behind = self.revision  # maybe a message is on its way: look again next time
+            return False
+        self.log.info("registry: changes {first}..{last} came without a message; reloading",
+                      first=self.revision + 1, last=stored)
+        await self.reload_all(stored)
         return True
+
+    async def reload_all(self, revision: int) -> None:
+        """Take every device and stream from the store (runtime state kept), as of ``revision``."""
+        rows = await self._store.read(devsql.load_all)
+        streams = await self._store.read(devsql.load_streams)
+        fresh = set()
+        for tenant, ident, doc in rows:
+            fresh.add((tenant, ident))
+            device = Device(tenant=tenant, identifier=ident, **doc)
+            old = self._devices.get((tenant, ident))
+            if old is not None:
+                device.online, device.lastSeen, device.lastAddress = old.online, old.lastSeen, old.lastAddress
+            else:
+                device.online = False
+            self._index(device)
+        for key in set(self._devices) - fresh:
+            self._drop(self._devices[key])
+        self._streams = {(tenant, sid): Stream(tenant=tenant, id=sid, **doc) for tenant, sid, doc in streams}
+        self.revision = max(self.revision, revision)
+        self._ahead = {r for r in self._ahead if r > self.revision}
+        self._behind = None
+
+    async def reload_device(self, tenant: str, identifier: str) -> None:
+        """Another node changed this device: take the stored one (or drop it, if deleted)."""
+        row = await self._store.read(devsql.get, tenant, identifier)
+        old = self._devices.get((tenant, identifier))
+        if row is None:
+            if old is not None:
+                self._drop(old)
+            return
+        device = Device(tenant=tenant, identifier=identifier, **row)
+        if old is not None:
+            device.online, device.lastSeen, device.lastAddress = old.online, old.lastSeen, old.lastAddress
+        else:
+            device.online = False
+        self._index(device)
+
+    async def reload_stream(self, tenant: str, stream_id: str) -> None:
+        """Another node changed this stream: take the stored one (or drop it)."""
+        doc = await self._store.read(devsql.get_stream, tenant, stream_id)
+        if doc is None:
+            self._streams.pop((tenant, stream_id), None)
+        else:
+            self._streams[(tenant, stream_id)] = Stream(tenant=tenant, id=stream_id, **doc)
 
     def add_delete_listener(self, fn: Callable[[Device], None]) -> None:
         """``fn(device)`` runs after a device is deleted (close links, cancel commands)."""
@@ -273,12 +367,14 @@ class Registry:
             raise errors.Invalid("stream id must be 1-200 characters")
         stream = Stream(tenant=tenant, id=stream_id,
                         devices=[normalize_identifier(d) for d in devices], tags=list(tags))
-        await self._store.write(devsql.upsert_stream, tenant, stream_id,
+        _, revision = await self._store.write(devsql.upsert_stream_bumped, tenant, stream_id,
                                 {"devices": stream.devices, "tags": stream.tags})
         created = (tenant, stream_id) not in self._streams
         self._streams[(tenant, stream_id)] = stream
+        self._changed("stream", tenant, stream_id, revision)
         return stream, created
 
     async def delete_stream(self, tenant: str, stream_id: str) -> bool:
-        removed = await self._store.write(devsql.delete_stream, tenant, stream_id)
+        removed, revision = await self._store.write(devsql.delete_stream_bumped, tenant, stream_id)
+        self._changed("stream", tenant, stream_id, revision)
         return self._streams.pop((tenant, stream_id), None) is not None or removed

@@ -62,3 +62,18 @@ def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(SystemExit) as info:
         load_config(str(tmp_path / "nope.ini"))
     assert "cannot read config file" in str(info.value)
+
+
+def test_cluster_keys_are_checked():
+    cfg = config.parse_text("[cluster]\nnode = a-1\nbus = redis://:pw@127.0.0.1:6380/3\n")
+    assert cfg.cluster.node == "a-1" and cfg.cluster.bus.endswith("/3")
+    for text, why in [("[cluster]\nbus = http://x\n", "[cluster] bus: expected empty"),
+                      ("[cluster]\nbus = redis://h:port/0\n", "[cluster] bus: the port is not a number"),
+                      ("[cluster]\nbus = redis://h/db\n", "[cluster] bus: the database must be a number"),
+                      ("[cluster]\nnode = a b\n", "[cluster] node: expected letters")]:
+        try:
+            config.parse_text(text)
+        except config.ConfigError as e:
+            assert why in str(e) and "\n" not in str(e)
+        else:
+            raise AssertionError(text)

@@ -28,11 +28,29 @@ def upsert(conn: Any, tenant: str, identifier: str, push_id: int | None, doc: di
         raise PushIdTaken(str(push_id)) from e
 
 
+def get(conn: Any, tenant: str, identifier: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT doc FROM devices WHERE tenant = ? AND identifier = ?",
+                       (tenant, identifier)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def get_stream(conn: Any, tenant: str, stream_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT doc FROM streams WHERE tenant = ? AND id = ?", (tenant, stream_id)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+RUNTIME = ("online", "lastSeen", "lastAddress")  # the fields the periodic flush writes
+
+
 def update_docs(conn: Any, rows: list[tuple[str, str, dict]]) -> None:
-    """Rewrite the docs of existing devices (the periodic lastSeen flush)."""
+    """Write the runtime fields (:data:`RUNTIME`) of existing devices (the periodic lastSeen flush).
+
+    Only those fields are merged into the stored doc, so a node's flush never
+    undoes a change another node made to the device's other fields meanwhile."""
+    merge = ("(doc::jsonb || ?::jsonb)::text" if conn.dialect == "postgresql" else "json_patch(doc, ?)")
     conn.executemany(
-        "UPDATE devices SET doc = ? WHERE tenant = ? AND identifier = ?",
-        [(json.dumps(doc), tenant, ident) for tenant, ident, doc in rows],
+        f"UPDATE devices SET doc = {merge} WHERE tenant = ? AND identifier = ?",
+        [(json.dumps({k: doc.get(k) for k in RUNTIME}), tenant, ident) for tenant, ident, doc in rows],
     )
 
 
@@ -56,3 +74,31 @@ def upsert_stream(conn: Any, tenant: str, stream_id: str, doc: dict) -> None:
 def delete_stream(conn: Any, tenant: str, stream_id: str) -> bool:
     cur = conn.execute("DELETE FROM streams WHERE tenant = ? AND id = ?", (tenant, stream_id))
     return bool(cur.rowcount)
+
+
+def revision(conn: Any) -> int:
+    """The registry revision: bumped by every device and stream write (schema 5)."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'registry_revision'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _bump(conn: Any) -> int:
+    row = conn.execute("UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) "
+                       "WHERE name = 'registry_revision' RETURNING value").fetchone()
+    return int(row[0]) if row else 0
+
+
+def bumped(fn: Any) -> Any:
+    """``fn`` (a registry write) followed, in its transaction, by the revision bump: ``(result, revision)``."""
+    def write(conn: Any, *args: Any) -> tuple[Any, int]:
+        result = fn(conn, *args)
+        return result, _bump(conn)
+
+    write.__name__ = f"bumped_{fn.__name__}"
+    return write
+
+
+upsert_bumped = bumped(upsert)
+delete_bumped = bumped(delete)
+upsert_stream_bumped = bumped(upsert_stream)
+delete_stream_bumped = bumped(delete_stream)

@@ -19,3 +19,4 @@ CREATE TABLE links (
 CREATE INDEX links_by_tenant ON links (tenant, id);
 CREATE INDEX links_by_node ON links (node);
 INSERT INTO meta (name, value) VALUES ('cluster_id', lower(hex(randomblob(16))));
+INSERT INTO meta (name, value) VALUES ('registry_revision', '0');
