@@ -54,11 +54,10 @@ async def put_row(d, token, node, tenant="default", created_us=1):
     await d.ctx.store.write(linksql.upsert, [(token, node, tenant, created_us, remote_doc(token, node))])
 
 
-async def make_alive(d, node):
-    """A fresh heartbeat row of ``node``, and this daemon's heartbeat reads it (``cluster.live``)."""
-    await d.ctx.store.write(nodesql.beat, node, 1, int(time.time() * 1e6), True, {})
+async def make_alive(d, node, seen=None):
+    """A heartbeat row of ``node`` (fresh by default), and this daemon's heartbeat reads it."""
+    await d.ctx.store.write(nodesql.beat, node, 1, int((seen or time.time()) * 1e6), True, {})
     await d.top.getServiceNamed("core").heartbeat.beat()
-    assert d.ctx.cluster.alive(node)
 
 
 def row(d, token):
@@ -77,7 +76,7 @@ async def test_a_link_has_a_row_from_its_create_answer_until_its_delete(daemon, 
     assert status == 201 and link["node"] == daemon.ctx.cluster.node and link["host"] == "here.example"
     found = await row(daemon, link["token"])  # committed before the answer
     assert found is not None
-    token, node, tenant, created_us, doc = found
+    (token, node, tenant, created_us, doc), _seen = found
     assert (token, node, tenant) == (link["token"], daemon.ctx.cluster.node, "default")
     assert doc["node"] == node and doc["port"] == link["port"] and doc["host"] == "here.example"
     assert key not in json.dumps(doc) and "encrypt" not in doc and doc["encrypted"] is True
@@ -122,7 +121,7 @@ async def test_a_starting_node_deletes_its_own_stale_rows_and_keeps_others(tmp_p
     d = await start_daemon(cfg)
     try:
         assert await row(d, "stale-own") is None
-        assert (await row(d, "theirs"))[1] == "n2"
+        assert (await row(d, "theirs"))[0][1] == "n2"
     finally:
         await stop_daemon(d)
 
@@ -142,6 +141,8 @@ async def test_listing_merges_live_nodes_rows_and_hides_dead_nodes(daemon, echo_
     status, listing = await daemon.request("GET", "/api/v1/devicelink")
     assert [i["token"] for i in listing["items"]] == [mine["token"]]  # "other" is not alive yet
     await make_alive(daemon, "other")
+    await make_alive(daemon, "ghost", seen=time.time() - 60)  # its heartbeat is old: dead
+    assert daemon.ctx.cluster.alive("other") and not daemon.ctx.cluster.alive("ghost")
     status, listing = await daemon.request("GET", "/api/v1/devicelink")
     got = [(i["token"], i["node"]) for i in listing["items"]]
     assert got == [("t-live", "other"), (mine["token"], daemon.ctx.cluster.node)]  # oldest first
@@ -403,3 +404,18 @@ def test_forward_ignores_other_nodes_messages_and_drops_malformed_ones():
         cluster.channel.received("links", json.dumps({"n": "b", "m": message}))
     cluster.channel.received("links", "not json")
     assert calls == [] and sent == [] and fwd.pending() == 0
+
+
+def test_a_node_is_alive_when_in_cluster_live_or_its_heartbeat_row_is_fresh():
+    from iotd.cluster.nodes import DEAD_AFTER
+    from iotd.relay.directory import LinkDirectory
+
+    clock = Clock()
+    clock.advance(1000)
+    cluster = single("me")
+    directory = LinkDirectory(None, None, None, cluster, clock)
+    cluster.live.add("x")
+    assert directory._alive("x", None)
+    assert not directory._alive("y", None)
+    assert directory._alive("y", int((1000 - DEAD_AFTER + 1) * 1e6))
+    assert not directory._alive("y", int((1000 - DEAD_AFTER - 1) * 1e6))

@@ -4,8 +4,13 @@
   with live counters.  Other nodes' links come from the store's ``links``
   rows (:mod:`iotd.relay.rows` writes them; their counters are at most
   :data:`~iotd.relay.rows.REFRESH_EVERY` seconds old), and only those of
-  nodes in ``cluster.live``: a dead node's links leave the listing as soon
-  as its heartbeat is old, before :mod:`iotd.relay.reaper` deletes its rows.
+  live nodes: in ``cluster.live``, or whose heartbeat row (read with the
+  links, in the same query) is younger than
+  :data:`iotd.cluster.nodes.DEAD_AFTER` -- the latter so that a node that
+  just started is listed at once, not after this node's next heartbeat
+  read.  A dead node's links leave the listing as soon as its heartbeat is
+  old (within ``DEAD_AFTER`` plus one heartbeat), before
+  :mod:`iotd.relay.reaper` deletes its rows.
 - A node without a bus (``cluster.clustered`` false) is the only node: it
   reads nothing from the store, exactly as before links had rows.
 - Every entry carries ``node``; lists are sorted oldest first (then by token).
@@ -19,6 +24,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 
+from iotd.cluster.nodes import DEAD_AFTER
 from iotd.relay.forward import CloseForwarder
 from iotd.relay.links import LinkManager
 from iotd.relay.rows import LinkRows
@@ -33,6 +39,7 @@ class LinkDirectory:
         self.rows = rows
         self.store = store
         self.cluster = cluster
+        self.clock = clock
         self.forwarder = CloseForwarder(cluster, clock, self.close_here)
 
     async def list(self, tenant: str, visible: Visible) -> list[dict[str, Any]]:
@@ -40,9 +47,9 @@ class LinkDirectory:
         entries = [(link.created_at * 1_000_000, link.token, self.rows.doc(link))
                    for link in self.manager.links(tenant) if visible(link.device)]
         if self.cluster.clustered:
-            for token, node, _tenant, created_us, doc in await self.store.read(
+            for (token, node, _tenant, created_us, doc), seen_us in await self.store.read(
                     linksql.of_tenant, tenant, self.cluster.node):
-                if self.cluster.alive(node) and _device_visible(doc, visible):
+                if self._alive(node, seen_us) and _device_visible(doc, visible):
                     entries.append((created_us, token, doc))
         entries.sort(key=lambda e: (e[0], e[1]))
         return [doc for _, _, doc in entries]
@@ -54,11 +61,11 @@ class LinkDirectory:
             return self.rows.doc(link) if link.tenant == tenant and visible(link.device) else None
         if not self.cluster.clustered:
             return None
-        row = await self.store.read(linksql.get, token)
-        if row is None:
+        found = await self.store.read(linksql.get, token)
+        if found is None:
             return None
-        _, node, row_tenant, _, doc = row
-        if node == self.cluster.node or row_tenant != tenant or not self.cluster.alive(node):
+        (_, node, row_tenant, _, doc), seen_us = found
+        if node == self.cluster.node or row_tenant != tenant or not self._alive(node, seen_us):
             return None  # (a row of this node without its link is stale)
         return doc if _device_visible(doc, visible) else None
 
@@ -74,6 +81,11 @@ class LinkDirectory:
         if doc is None:
             return "unknown"
         return await self.forwarder.ask(doc["node"], token, tenant)
+
+    def _alive(self, node: str, seen_us: int | None) -> bool:
+        if self.cluster.alive(node):
+            return True
+        return seen_us is not None and seen_us >= (self.clock.seconds() - DEAD_AFTER) * 1_000_000
 
     def close_here(self, token: str, tenant: str) -> defer.Deferred:
         """Close a link of this node; fires with ``"closed"`` once its sockets and row are gone."""

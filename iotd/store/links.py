@@ -62,16 +62,24 @@ def nodes(conn: Any) -> list[str]:
     return [r[0] for r in conn.execute("SELECT DISTINCT node FROM links").fetchall()]
 
 
-def of_tenant(conn: Any, tenant: str, except_node: str, limit: int = MAX_LISTED) -> list[Row]:
-    """The rows of ``tenant`` held by other nodes than ``except_node``, oldest first."""
+def of_tenant(conn: Any, tenant: str, except_node: str, limit: int = MAX_LISTED) -> list[tuple[Row, int | None]]:
+    """The rows of ``tenant`` held by other nodes than ``except_node``, oldest first, each with
+    its node's last heartbeat (``nodes.seen_us``, None without a ``nodes`` row)."""
     cur = conn.execute(
-        "SELECT id, node, tenant, created_us, doc FROM links WHERE tenant = ? AND node <> ?"
-        " ORDER BY created_us, id LIMIT ?",
+        "SELECT l.id, l.node, l.tenant, l.created_us, l.doc, n.seen_us FROM links l"
+        " LEFT JOIN nodes n ON n.name = l.node WHERE l.tenant = ? AND l.node <> ?"
+        " ORDER BY l.created_us, l.id LIMIT ?",
         (tenant, except_node, int(limit)),
     )
-    return [_row(r) for r in cur.fetchall()]
+    return [(_row(r), _int(r[5])) for r in cur.fetchall()]
 
 
-def get(conn: Any, token: str) -> Row | None:
-    r = conn.execute("SELECT id, node, tenant, created_us, doc FROM links WHERE id = ?", (token,)).fetchone()
-    return _row(r) if r is not None else None
+def get(conn: Any, token: str) -> tuple[Row, int | None] | None:
+    """The row of ``token`` and its node's last heartbeat (as :func:`of_tenant`), or None."""
+    r = conn.execute("SELECT l.id, l.node, l.tenant, l.created_us, l.doc, n.seen_us FROM links l"
+                     " LEFT JOIN nodes n ON n.name = l.node WHERE l.id = ?", (token,)).fetchone()
+    return (_row(r), _int(r[5])) if r is not None else None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if value is not None else None
