@@ -13,6 +13,12 @@
   relays report to it), its timers, its close and ``on_closed`` callbacks.
 - ``links``: ``LinkManager`` (port allocation, limits, metrics flush, logs).
 - ``service``: the manager's service (built from ``[devicelink]``).
+- ``rows``: this node's links as rows of the store's ``links`` table (at open,
+  refreshed when counters changed, removed at close; stale ones at start).
+- ``directory``: every node's links for the REST layer (this node's from
+  memory, live nodes' from the store) and closing one wherever it lives.
+- ``forward``: the close request and answer between nodes (bus topic ``links``).
+- ``reaper``: rows of nodes dead for 30 s leave the store.
 - ``addresses``: which device addresses a link may reach
   (``allowed_device_networks``), and resolving a host name at connect time.
 
