@@ -4,7 +4,8 @@
 read reaches the store and its health (:attr:`iotd.store.db.Store.health`)
 is ``ok``; otherwise 503 with ``"status": "unavailable"`` and ``"store"``
 saying why: ``"full"`` (disk full), ``"missing"`` (the database file was
-removed under the daemon) or ``"unavailable"`` (not running).
+removed under the daemon), ``"unreachable"`` (PostgreSQL does not answer) or
+``"unavailable"`` (not running, or the read failed for another reason).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def routes(app: Klein, ctx: Context) -> None:
         try:
             await ctx.store.read(_ping)
         except Exception:
-            state = "unavailable"
+            state = ctx.store.health if ctx.store.health != "ok" else "unavailable"
         else:
             state = ctx.store.health
         if state != "ok":
