@@ -11,14 +11,19 @@ assertion does not depend on how a request racing the stop or the start came out
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 import urllib.error
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
 
 from daemon_process import DaemonProcess
+from iotd.store import Store, StoreUnavailable
 from pgserver import wait_until
+from ws_helpers import sleep
 
 pytestmark = pytest.mark.postgresql_only
 
@@ -144,3 +149,75 @@ def test_postgresql_stopped_for_10_s_answers_503_then_recovers_without_restart(t
             assert sign not in log, sign
         assert not re.search(r"\[iotd\.web[^\]]*#critical\]", log)  # no request failed inside (a 500)
         assert "PostgreSQL is unreachable" in log and "PostgreSQL is reachable again" in log
+
+
+class SilentServer(threading.Thread):
+    """Listens on ``port`` and accepts every connection, then never says a word (a hung server:
+    a client's connect waits for its timeout).  ``accepted`` counts the connections tried."""
+
+    def __init__(self, port: int):
+        super().__init__(name="silent", daemon=True)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(128)
+        self.accepted: list[socket.socket] = []
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_server_costs_a_connect_attempt_per_reader_not_one_per_read(pg_server):
+    """Reads while the server accepts but never answers fail (503) without each one waiting out a
+    connect timeout: once a reader could not connect, reads fail at once until a health check
+    reaches the server; after it is back, reads and writes work again on the same store."""
+    store = Store(pg_server.create_database("hung"), reactor, pool_size=4)
+    await store.start()
+    try:
+        assert await store.read(_one) == 1
+        pg_server.stop()
+        silent = SilentServer(pg_server.port)
+        silent.start()
+        try:
+            reads = [store.read(_one) for _ in range(40)]
+            outcomes = await defer.DeferredList(reads, consumeErrors=True)
+            assert all(not ok and failure.check(StoreUnavailable) for ok, failure in outcomes)
+            assert store.health == "unreachable"
+            status, body = await _write_refused(store)
+            assert status == "refused", body
+            # the readers (3) tried, the rest failed without trying; a health check may add one
+            assert 1 <= len(silent.accepted) <= 3 + 1, len(silent.accepted)
+        finally:
+            silent.close()
+        pg_server.start()
+        deadline = time.monotonic() + RECOVERY
+        while store.health != "ok":
+            assert time.monotonic() < deadline, "the store did not find the server again"
+            await sleep(0.1)
+        assert await store.read(_one) == 1
+        assert await store.write(_one) == 1
+    finally:
+        await store.stop()
+
+
+def _one(conn) -> int:
+    return conn.execute("SELECT 1").fetchone()[0]
+
+
+async def _write_refused(store) -> tuple[str, str]:
+    try:
+        await store.write(_one)
+    except StoreUnavailable as e:
+        return "refused", str(e)
+    return "written", ""

@@ -6,8 +6,8 @@ read that uses it next; that read runs once more on a new connection.
 
 Down (a backend with ``fails_reads_fast``: PostgreSQL): when a reader cannot
 connect, the readers are *down* and every read fails at once with
-:class:`~iotd.store.engine.StoreUnavailable` (a 503) without taking a thread
-or trying to connect, until :meth:`Readers.inspect` (the store's periodic
+:class:`~iotd.store.engine.StoreUnavailable` (a 503) without trying to connect
+(also a read that was already waiting for a thread), until :meth:`Readers.inspect` (the store's periodic
 health check, every couple of seconds) reaches the server again.  So a dead
 server costs one connect attempt per check, not one per request: requests
 never queue behind connect timeouts, and the pool's queue cannot grow with
@@ -59,7 +59,7 @@ class Readers:
             self._conns.clear()
 
     def read(self, fn: Callable[..., Any], args: tuple) -> defer.Deferred:
-        if self.down and getattr(self.backend, "fails_reads_fast", False):
+        if self._fast_fail():
             return defer.fail(self._unavailable(self.backend.refused["unreachable"]))
         return threads.deferToThreadPool(self._reactor, self._pool, self._read, fn, args)
 
@@ -110,7 +110,12 @@ class Readers:
             self._on_state(state)
         return self._unavailable(" ".join(str(error).split()))
 
+    def _fast_fail(self) -> bool:
+        return self.down and getattr(self.backend, "fails_reads_fast", False)
+
     def _read(self, fn: Callable[..., Any], args: tuple, retry: bool = True) -> Any:
+        if self._fast_fail():  # went down while this read waited for a thread
+            raise self._unavailable(self.backend.refused["unreachable"])
         try:
             conn = self._conn()
         except self.backend.read_errors as e:
