@@ -81,6 +81,8 @@ class KeyRing:
         self._stopped = False
         self._loop = LoopingCall(self._poll)
         self._loop.clock = clock
+        self._write_listeners: list[Callable[[int], None]] = []
+        self._polling = False
 
     async def start(self) -> None:
         await self.reload()
@@ -134,6 +136,16 @@ class KeyRing:
         if revision == self._revision + 1:
             self._revision = revision  # nothing else changed in between
         self._seen = max(self._seen, revision)
+        for fn in list(self._write_listeners):
+            fn(revision)
+
+    def add_write_listener(self, fn: Callable[[int], None]) -> None:
+        """``fn(revision)`` after each key write of this process (to tell the other nodes)."""
+        self._write_listeners.append(fn)
+
+    def poll_now(self) -> defer.Deferred:
+        """Read the key changes now (another node wrote), instead of at the next poll."""
+        return defer.Deferred.fromCoroutine(self._poll())
 
     def _install(self, key: ApiKey) -> None:
         self._by_id[key.id] = key
@@ -161,6 +173,15 @@ class KeyRing:
                 self.log.failure("revoke listener failed")
 
     async def _poll(self) -> None:
+        if self._polling:
+            return
+        self._polling = True
+        try:
+            await self._poll_once()
+        finally:
+            self._polling = False
+
+    async def _poll_once(self) -> None:
         try:
             revision, rows = await self._store.read(keysql.changed_since, self._revision)
             if rows is not None:

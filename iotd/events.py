@@ -17,8 +17,11 @@ it bring those events back — and buffering starts afresh.  A page that comes
 back empty while a drop happened during its read is read again, so the
 switch to live never skips an event committed during that read.
 
-The bus is an interface a Redis-backed bus can implement later: it only
-needs ``subscribe`` and ``publish``.
+With several nodes (``[cluster] bus``), :mod:`iotd.cluster.sequencer` sits
+between the commits and the bus: every node's events reach every node's
+bus in id order, and an acknowledged event is stored but may reach the
+sockets a moment after the acknowledgement (the follower's wait for
+``published_id`` keeps the replay→live seam exact).
 """
 
 from __future__ import annotations
@@ -260,6 +263,9 @@ class EventLog:
     def __init__(self, store: Any, bus: Bus | None = None):
         self.store = store
         self.bus = bus if bus is not None else Bus()
+        # With a bus between nodes (iotd.cluster.sequencer): commits go through it, in id order
+        # with the other nodes' events; None on one node (published at once).
+        self.sequencer: Any = None
 
     async def append(self, items: list[tuple[str, str, str, dict[str, Any]]], size: int = 0) -> list[Event]:
         """Commit ``(tenant, kind, device, data)`` items as one transaction, publish, return.
@@ -292,7 +298,10 @@ class EventLog:
     def committed(self, rows: list[evsql.Row]) -> list[Event]:
         """Publish rows that ``evsql.insert`` wrote inside a transaction that has now committed."""
         events = [Event.from_row(r) for r in rows]
-        self.bus.publish(events)
+        if self.sequencer is not None:
+            self.sequencer.local(rows, events)
+        else:
+            self.bus.publish(events)
         return events
 
     async def read(self, tenant: str, kinds: Iterable[str], after_id: int, limit: int,

@@ -57,6 +57,7 @@ class Registry:
         self._streams: dict[tuple[str, str], Stream] = {}
         self._dirty: set[tuple[str, str]] = set()
         self._delete_listeners: list[Callable[[Device], None]] = []
+        self._change_listeners: list[Callable[[str, str, str], None]] = []
         self._flush_loop = LoopingCall(self.flush)
         self._flush_loop.clock = clock
 
@@ -209,14 +210,22 @@ class Registry:
             raise errors.Conflict(f"pushId {push_id} belongs to another device") from None
         self._index(device)  # replaces whatever is there now (another put may have won meanwhile)
         self._dirty.discard((tenant, ident))
+        self._changed("device", tenant, ident)
         return device, old is None
 
     async def delete(self, tenant: str, identifier: str) -> bool:
         ident = normalize_identifier(identifier)
         removed = await self._store.write(devsql.delete, tenant, ident)
+        if removed:
+            self._changed("device", tenant, ident)
         device = self._devices.get((tenant, ident))
         if device is None:
             return removed
+        self._drop(device)
+        return True
+
+    def _drop(self, device: Device) -> None:
+        tenant, ident = device.tenant, device.identifier
         self._unindex(device)
         self._dirty.discard((tenant, ident))
         for fn in list(self._delete_listeners):
@@ -224,7 +233,41 @@ class Registry:
                 fn(device)
             except Exception:
                 self.log.failure("device delete listener failed")
-        return True
+
+    def add_change_listener(self, fn: Callable[[str, str, str], None]) -> None:
+        """``fn(what, tenant, id)`` after this process changed a device or a stream
+        (``what``: "device" | "stream"), to tell the other nodes."""
+        self._change_listeners.append(fn)
+
+    def _changed(self, what: str, tenant: str, ident: str) -> None:
+        for fn in list(self._change_listeners):
+            try:
+                fn(what, tenant, ident)
+            except Exception:
+                self.log.failure("registry change listener failed")
+
+    async def reload_device(self, tenant: str, identifier: str) -> None:
+        """Another node changed this device: take the stored one (or drop it, if deleted)."""
+        row = await self._store.read(devsql.get, tenant, identifier)
+        old = self._devices.get((tenant, identifier))
+        if row is None:
+            if old is not None:
+                self._drop(old)
+            return
+        device = Device(tenant=tenant, identifier=identifier, **row)
+        if old is not None:
+            device.online, device.lastSeen, device.lastAddress = old.online, old.lastSeen, old.lastAddress
+        else:
+            device.online = False
+        self._index(device)
+
+    async def reload_stream(self, tenant: str, stream_id: str) -> None:
+        """Another node changed this stream: take the stored one (or drop it)."""
+        doc = await self._store.read(devsql.get_stream, tenant, stream_id)
+        if doc is None:
+            self._streams.pop((tenant, stream_id), None)
+        else:
+            self._streams[(tenant, stream_id)] = Stream(tenant=tenant, id=stream_id, **doc)
 
     def add_delete_listener(self, fn: Callable[[Device], None]) -> None:
         """``fn(device)`` runs after a device is deleted (close links, cancel commands)."""
@@ -277,8 +320,11 @@ class Registry:
                                 {"devices": stream.devices, "tags": stream.tags})
         created = (tenant, stream_id) not in self._streams
         self._streams[(tenant, stream_id)] = stream
+        self._changed("stream", tenant, stream_id)
         return stream, created
 
     async def delete_stream(self, tenant: str, stream_id: str) -> bool:
         removed = await self._store.write(devsql.delete_stream, tenant, stream_id)
+        if removed:
+            self._changed("stream", tenant, stream_id)
         return self._streams.pop((tenant, stream_id), None) is not None or removed

@@ -16,9 +16,13 @@ from twisted.internet.task import LoopingCall
 
 from iotd.auth import KeyRing
 from iotd.cluster.build import make_cluster
+from iotd.cluster.nodes import Heartbeat
+from iotd.cluster.propagate import propagate
+from iotd.cluster.sequencer import Sequencer
 from iotd.events import EventLog
 from iotd.logs import Logger
 from iotd.registry import Registry
+from iotd.store import nodes as nodesql
 from iotd.store import open_store
 
 PRUNE_EVERY = 3600.0
@@ -45,6 +49,7 @@ class CoreService(service.Service):
         self.registry = Registry(self.store, reactor)
         self.events = EventLog(self.store)
         self.cluster = make_cluster(config, self.store, reactor)
+        self.heartbeat: Heartbeat | None = None
         self.ready = False
         self.started: defer.Deferred = defer.Deferred()
         self._prune = LoopingCall(self._prune_events)
@@ -62,11 +67,27 @@ class CoreService(service.Service):
         await self.events.start()
         await self.keys.start()
         await self.registry.start()
+        await self._join()
         if len(self.keys) == 0:
             await self._bootstrap_admin()
         if self.config.retention.events_days > 0:
             self._prune.start(PRUNE_EVERY, now=True).addErrback(
                 lambda f: self.log.failure("prune stopped", f))
+
+    async def _join(self) -> None:
+        """The bus (with its event sequencer), the propagation of key and registry
+        changes, this node's heartbeat and the leader election."""
+        cluster = self.cluster
+        if cluster.clustered:
+            cluster.channel.set_cluster_id(await self.store.read(nodesql.cluster_id))
+            self.events.sequencer = Sequencer(self.events, cluster.channel, self.clock)
+            await cluster.channel.start()
+            self.events.sequencer.start()
+        propagate(cluster, self.keys, self.registry)
+        self.heartbeat = Heartbeat(cluster, self.store, self.clock,
+                                   {"public_host": self.config.devicelink.public_host})
+        await self.heartbeat.start_beating()
+        await cluster.leader.start()
 
     def _up(self, _):
         self.ready = True
@@ -106,9 +127,22 @@ class CoreService(service.Service):
             self._prune.stop()
         self.keys.stop()
         try:
+            await self._leave()
             await self.registry.stop()
         finally:
             await self.store.stop()
+
+    async def _leave(self) -> None:
+        cluster = self.cluster
+        try:
+            await cluster.leader.stop()
+        except Exception:
+            self.log.failure("leaving the leader election failed")
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+        if self.events.sequencer is not None:
+            self.events.sequencer.stop()
+        await cluster.channel.stop()
 
 
 async def _in_thread(fn, *args):

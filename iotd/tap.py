@@ -25,6 +25,7 @@ from twisted.application import service, strports
 from twisted.python import usage
 
 from iotd import config as configmod
+from iotd.cluster.nodes import refuse_without_bus
 from iotd.logs import set_level
 from iotd.service import CoreService
 from iotd.store import open_error, open_sync
@@ -80,11 +81,16 @@ def load_config(path: str | None) -> configmod.Config:
 
 
 def check_store(cfg: configmod.Config) -> None:
-    """Reach and migrate the store before the reactor runs (SQLite: create ``data_dir``)."""
+    """Reach and migrate the store before the reactor runs (SQLite: create ``data_dir``);
+    refuse to share it with another live node without a bus."""
     try:
-        open_sync(cfg).close()
+        conn = open_sync(cfg)
     except Exception as e:
         raise SystemExit(open_error(cfg, e)) from None
+    try:
+        refuse_without_bus(conn, cfg)
+    finally:
+        conn.close()
 
 
 def exit_zero_on_sigterm(reactor: Any) -> None:

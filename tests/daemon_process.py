@@ -95,6 +95,15 @@ class DaemonProcess:
             raw = e.read()
             return e.code, (json.loads(raw) if raw else None)
 
+    def request_text(self, method: str, path: str):
+        """``(status, body as text)`` (for ``/metrics``)."""
+        req = urllib.request.Request(self.url + path, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
     def __enter__(self):
         return self.start()
 

@@ -28,11 +28,29 @@ def upsert(conn: Any, tenant: str, identifier: str, push_id: int | None, doc: di
         raise PushIdTaken(str(push_id)) from e
 
 
+def get(conn: Any, tenant: str, identifier: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT doc FROM devices WHERE tenant = ? AND identifier = ?",
+                       (tenant, identifier)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def get_stream(conn: Any, tenant: str, stream_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT doc FROM streams WHERE tenant = ? AND id = ?", (tenant, stream_id)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+RUNTIME = ("online", "lastSeen", "lastAddress")  # the fields the periodic flush writes
+
+
 def update_docs(conn: Any, rows: list[tuple[str, str, dict]]) -> None:
-    """Rewrite the docs of existing devices (the periodic lastSeen flush)."""
+    """Write the runtime fields (:data:`RUNTIME`) of existing devices (the periodic lastSeen flush).
+
+    Only those fields are merged into the stored doc, so a node's flush never
+    undoes a change another node made to the device's other fields meanwhile."""
+    merge = ("(doc::jsonb || ?::jsonb)::text" if conn.dialect == "postgresql" else "json_patch(doc, ?)")
     conn.executemany(
-        "UPDATE devices SET doc = ? WHERE tenant = ? AND identifier = ?",
-        [(json.dumps(doc), tenant, ident) for tenant, ident, doc in rows],
+        f"UPDATE devices SET doc = {merge} WHERE tenant = ? AND identifier = ?",
+        [(json.dumps({k: doc.get(k) for k in RUNTIME}), tenant, ident) for tenant, ident, doc in rows],
     )
 
 

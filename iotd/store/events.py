@@ -136,6 +136,15 @@ def read(
     ]
 
 
+def read_all(conn: Any, after_id: int, limit: int) -> list[Row]:
+    """Up to ``limit`` events of every tenant with ``id > after_id``, in id order (filling holes)."""
+    cur = conn.execute(
+        "SELECT id, tenant, kind, device, inserted_us, data FROM events WHERE id > ? ORDER BY id LIMIT ?",
+        (after_id, limit),
+    )
+    return [(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in cur.fetchall()]
+
+
 def get(conn: Any, event_id: int) -> Row | None:
     r = conn.execute(
         "SELECT id, tenant, kind, device, inserted_us, data FROM events WHERE id = ?", (event_id,)

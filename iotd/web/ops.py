@@ -1,11 +1,17 @@
 """``/healthz`` and ``/metrics`` (no key: bind ``[http] listen`` privately to hide them).
 
-``/healthz`` is 200 ``{"status": "ok", "store": "ok", "version"}`` when a
-read reaches the store and its health (:attr:`iotd.store.db.Store.health`)
-is ``ok``; otherwise 503 with ``"status": "unavailable"`` and ``"store"``
-saying why: ``"full"`` (disk full), ``"missing"`` (the database file was
-removed under the daemon), ``"unreachable"`` (PostgreSQL does not answer) or
-``"unavailable"`` (not running, or the read failed for another reason).
+``/healthz`` answers ``{"status", "version", "node", "store", "bus"}``:
+
+- 200 ``"status": "ok"`` when a read reaches the store, its health
+  (:attr:`iotd.store.engine.Store.health`) is ``ok`` and the bus is up (one
+  node's in-process bus always is);
+- 200 ``"status": "degraded"`` while the bus between nodes is down
+  (``"bus": "down"`` or ``"connecting"``): the node serves on, its sockets get
+  its own events, and the other nodes' from the store about a second late;
+- 503 ``"status": "unavailable"`` when the store is not ``ok``, ``"store"``
+  saying why: ``"full"`` (disk full), ``"missing"`` (the database file was
+  removed under the daemon), ``"unreachable"`` (PostgreSQL does not answer)
+  or ``"unavailable"`` (not running, or the read failed for another reason).
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ def routes(app: Klein, ctx: Context) -> None:
             state = ctx.store.health if ctx.store.health != "ok" else "unavailable"
         else:
             state = ctx.store.health
+        bus = ctx.cluster.channel.state
+        body = {"version": __version__, "node": ctx.cluster.node, "store": state, "bus": bus}
         if state != "ok":
-            return respond(request, 503, {"status": "unavailable", "store": state, "version": __version__})
-        return respond(request, 200, {"status": "ok", "store": "ok", "version": __version__})
+            return respond(request, 503, {"status": "unavailable", **body})
+        return respond(request, 200, {"status": "ok" if bus == "ok" else "degraded", **body})
 
     @app.route("/metrics", methods=["GET"])
     def metrics(request):
