@@ -21,9 +21,12 @@ beyond either, ``write`` fails at once with :class:`StoreUnavailable` (a 503).
 Health (:attr:`Store.health`): ``"ok"`` or what the backend reports
 (SQLite: ``"full"``, ``"missing"``, see :mod:`iotd.store.sqlite`;
 PostgreSQL: ``"unreachable"``, see :mod:`iotd.store.postgres`), checked
-every :data:`HEALTH_EVERY` seconds and on every write error.  While it is
-not ``"ok"`` every ``write`` fails at once with :class:`StoreUnavailable`
-(503); reads go on as far as they can.
+every :data:`HEALTH_EVERY` seconds, on every write error and when a reader
+cannot connect (PostgreSQL).  While it is not ``"ok"`` every ``write`` fails
+at once with :class:`StoreUnavailable` (503); reads go on as far as they can
+(on PostgreSQL: until a reader cannot connect, see :mod:`iotd.store.readers`).
+Nothing else is needed to recover: the check reconnects the readers, then
+probes the writer (which reconnects), then accepts writes again.
 """
 
 from __future__ import annotations
