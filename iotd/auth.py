@@ -83,6 +83,7 @@ class KeyRing:
         self._loop.clock = clock
         self._write_listeners: list[Callable[[int], None]] = []
         self._polling = False
+        self._poll_refused = False
 
     async def start(self) -> None:
         await self.reload()
@@ -197,8 +198,17 @@ class KeyRing:
                         self.log.warn("lastUsedAt not written: the store refuses writes")
                 else:
                     self._touch_refused = False
+        except StoreUnavailable as e:  # the store is down: say so once, not twice a second
+            if not self._poll_refused:
+                self._poll_refused = True
+                self.log.warn("key poll: the store does not answer ({error}); keys as last read", error=e)
+            return
         except Exception:
             self.log.failure("key poll failed")
+            return
+        if self._poll_refused:
+            self._poll_refused = False
+            self.log.info("key poll: the store answers again")
 
     # -- expiry ------------------------------------------------------------------
 

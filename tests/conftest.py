@@ -24,6 +24,7 @@ import treq
 from twisted.internet import defer, reactor
 
 import dbutil
+from pgserver import pg_server  # noqa: F401  (fixture: a private PostgreSQL server)
 from iotd import config as configmod
 from iotd.tap import makeService
 

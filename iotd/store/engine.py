@@ -10,7 +10,9 @@ others commit.  Results come back to the reactor in queue order, so callers
 that publish after a write publish in commit order.
 
 Reads: ``Store.read(fn, *args)`` runs on a small thread pool, each thread
-with its own connection.
+with its own connection (:mod:`iotd.store.readers`; on PostgreSQL a reader
+that cannot connect makes reads fail at once until the health check reaches
+the server again).
 
 Bounds: the write queue (:mod:`iotd.store.writequeue`) holds at most
 100,000 writes and 256 MiB of what they declare (``write(..., size=n)``);
@@ -19,9 +21,12 @@ beyond either, ``write`` fails at once with :class:`StoreUnavailable` (a 503).
 Health (:attr:`Store.health`): ``"ok"`` or what the backend reports
 (SQLite: ``"full"``, ``"missing"``, see :mod:`iotd.store.sqlite`;
 PostgreSQL: ``"unreachable"``, see :mod:`iotd.store.postgres`), checked
-every :data:`HEALTH_EVERY` seconds and on every write error.  While it is
-not ``"ok"`` every ``write`` fails at once with :class:`StoreUnavailable`
-(503); reads go on as far as they can.
+every :data:`HEALTH_EVERY` seconds, on every write error and when a reader
+cannot connect (PostgreSQL).  While it is not ``"ok"`` every ``write`` fails
+at once with :class:`StoreUnavailable` (503); reads go on as far as they can
+(on PostgreSQL: until a reader cannot connect, see :mod:`iotd.store.readers`).
+Nothing else is needed to recover: the check reconnects the readers, then
+probes the writer (which reconnects), then accepts writes again.
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from iotd import metrics
 from iotd.logs import Logger
+from iotd.store.readers import Readers
 from iotd.store.writequeue import MAX_QUEUED_BYTES, MAX_QUEUED_WRITES, WriteQueue
 
 BATCH = 1000
@@ -76,11 +81,9 @@ class Store:
         self._queue = WriteQueue(max_queued_writes, max_queued_bytes)
         self._writer: threading.Thread | None = None
         self._wconn: Any = None
-        self._readers_max = readers if self.dialect == "sqlite" else max(1, pool_size - 1)
-        self._pool: ThreadPool | None = None
-        self._local = threading.local()
-        self._readers: list[Any] = []
-        self._readers_lock = threading.Lock()
+        self._readers = Readers(self.backend, reactor,
+                                readers if self.dialect == "sqlite" else max(1, pool_size - 1),
+                                self._report, StoreUnavailable)
         self._running = False
         self._inflight: list = []
         self.commits = 0  # transactions committed, for tests and metrics
@@ -98,12 +101,7 @@ class Store:
         )
         self._writer.start()
         await opened
-        self._local = threading.local()
-        self._pool = ThreadPool(minthreads=1, maxthreads=self._readers_max, name="iotd-store-read")
-        self._pool.start()
-        # Reader threads must never keep the process alive, whatever path shutdown takes.
-        pool = self._pool
-        self._reactor.addSystemEventTrigger("after", "shutdown", lambda: pool.joined or pool.stop())
+        self._readers.start()
         self._running = True
         self._set_health("ok", force=True)
         self._checker = LoopingCall(lambda: defer.Deferred.fromCoroutine(self.check_health()))
@@ -120,14 +118,7 @@ class Store:
         done = defer.Deferred()
         self._queue.put((_STOP, (), done, None))
         await done
-        await threads.deferToThread(self._pool.stop)
-        with self._readers_lock:
-            for conn in self._readers:
-                try:
-                    conn.close()
-                except Exception:
-                    pass
-            self._readers.clear()
+        await self._readers.stop()
 
     # -- writes -----------------------------------------------------------
 
@@ -293,7 +284,7 @@ class Store:
         if not self._running:
             return self.health
         try:
-            seen = await threads.deferToThreadPool(self._reactor, self._pool, self._inspect)
+            seen = await self._readers.inspect()
             if seen != "ok":
                 self._set_health(seen)
             elif self.health != "ok" and self.health not in self.backend.sticky:
@@ -304,18 +295,6 @@ class Store:
         except Exception:
             self.log.failure("store health check failed")
         return self.health
-
-    def _inspect(self) -> str:
-        """What the backend says now (a reader thread)."""
-        try:
-            conn = self._reader_conn()
-        except self.backend.read_errors:
-            return self.backend.inspect(None)
-        try:
-            return self.backend.inspect(conn)
-        except self.backend.read_errors:
-            self._forget_reader(conn)
-            return self.backend.inspect(None)
 
     def _set_health(self, state: str, force: bool = False) -> None:
         old = self.health
@@ -340,46 +319,4 @@ class Store:
         """Run ``fn(conn, *args)`` on a reader thread."""
         if not self._running:
             return defer.fail(StoreUnavailable("store is not running"))
-        return threads.deferToThreadPool(self._reactor, self._pool, self._read, fn, args)
-
-    def _reader_conn(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self.backend.broken(conn):
-            self._forget_reader(conn)
-            conn = None
-        if conn is None:
-            conn = self.backend.open_reader()
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
-
-    def _forget_reader(self, conn: Any) -> None:
-        self._local.conn = None
-        with self._readers_lock:
-            if conn in self._readers:
-                self._readers.remove(conn)
-        try:
-            conn.close()
-        except Exception:
-            pass
-
-    def _read(self, fn: Callable[..., Any], args: tuple, retry: bool = True) -> Any:
-        try:
-            conn = self._reader_conn()
-        except self.backend.read_errors as e:
-            raise StoreUnavailable(" ".join(str(e).split())) from e
-        try:
-            return fn(conn, *args)
-        except self.backend.read_errors as e:
-            if self.backend.broken(conn):
-                self._forget_reader(conn)
-                if retry:  # a connection the server dropped earlier (a restart): once more on a new one
-                    return self._read(fn, args, retry=False)
-            raise StoreUnavailable(" ".join(str(e).split())) from e
-        finally:
-            if conn.in_transaction and not self.backend.broken(conn):
-                try:
-                    conn.execute("ROLLBACK")
-                except Exception:
-                    self._forget_reader(conn)
+        return self._readers.read(fn, args)

@@ -16,7 +16,16 @@ returns until the group transaction commits).
 Health: ``"ok"`` or ``"unreachable"``.  A write whose connection was lost
 fails with :class:`~iotd.store.engine.StoreUnavailable` (503), as does every
 write while PostgreSQL is unreachable; the periodic check reconnects (readers
-and the writer) once the server answers again.
+and the writer) once the server answers again.  A reader that cannot
+connect makes reads fail at once too (``fails_reads_fast``, see
+:mod:`iotd.store.readers`) until that check reaches the server.
+
+A dead server must not hold a store thread for long: every connection is
+opened with a short ``connect_timeout`` (:data:`CONNECT_TIMEOUT`), TCP
+keepalives and ``tcp_user_timeout`` (:data:`TCP_DEFAULTS`: a server that
+vanished without closing the connection -- a host down, a cable pulled --
+fails the statement waiting on it within about 20 s instead of the kernel's
+15 minutes).  A key the URL sets itself wins.
 """
 
 from __future__ import annotations
@@ -29,7 +38,11 @@ from typing import Any, Iterable
 from iotd.store import migrate
 from iotd.store.textcheck import refuse_nul, refuse_nul_many
 
-CONNECT_TIMEOUT = 10  # seconds, unless the URL says otherwise
+CONNECT_TIMEOUT = 3  # seconds, unless the URL says otherwise
+TCP_DEFAULTS = {  # libpq keys, unless the URL says otherwise
+    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,  # ms unacknowledged data may wait before the connection is dropped
+}
 
 
 def _psycopg():
@@ -125,14 +138,24 @@ class PgConnection:
 def connect(url: str, reader: bool = False) -> PgConnection:
     psycopg = _psycopg()
     kwargs: dict[str, Any] = {"autocommit": True}
-    if "connect_timeout" not in url:
-        kwargs["connect_timeout"] = CONNECT_TIMEOUT
+    given = _url_keys(url)
+    for key, value in {"connect_timeout": CONNECT_TIMEOUT, **TCP_DEFAULTS}.items():
+        if key not in given:
+            kwargs[key] = value
     raw = psycopg.connect(url, **kwargs)
     conn = PgConnection(raw)
     if reader:
         conn.execute("SET default_transaction_isolation = 'repeatable read'")
         conn.execute("SET default_transaction_read_only = on")
     return conn
+
+
+def _url_keys(url: str) -> set[str]:
+    """The libpq keys ``url`` sets (none when it cannot be parsed: psycopg then says why)."""
+    try:
+        return set(_psycopg().conninfo.conninfo_to_dict(url))
+    except _psycopg().ProgrammingError:
+        return set()
 
 
 def open_sync(url: str) -> PgConnection:
@@ -152,6 +175,7 @@ class PostgresBackend:
     dialect = "postgresql"
     states = ("ok", "unreachable")
     sticky = ()
+    fails_reads_fast = True  # see iotd.store.readers
     refused = {"unreachable": "the store (PostgreSQL) is unreachable"}
     begin_sql = "BEGIN"
     messages = {

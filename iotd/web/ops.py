@@ -10,7 +10,8 @@
   its own events, and the other nodes' from the store about a second late;
 - 503 ``"status": "unavailable"`` when the store is not ``ok``, ``"store"``
   saying why: ``"full"`` (disk full), ``"missing"`` (the database file was
-  removed under the daemon) or ``"unavailable"`` (not reachable).
+  removed under the daemon), ``"unreachable"`` (PostgreSQL does not answer)
+  or ``"unavailable"`` (not running, or the read failed for another reason).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def routes(app: Klein, ctx: Context) -> None:
         try:
             await ctx.store.read(_ping)
         except Exception:
-            state = "unavailable"
+            state = ctx.store.health if ctx.store.health != "ok" else "unavailable"
         else:
             state = ctx.store.health
         bus = ctx.cluster.channel.state
