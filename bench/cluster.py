@@ -73,7 +73,7 @@ REDIS = os.environ.get("IOTD_BENCH_REDIS", "redis://127.0.0.1:6379/11")
 CORES = os.cpu_count()
 NOTE = (f"{CORES} cores: the load generator, PostgreSQL and Redis compete with the nodes for them "
         f"(in cores, 1.0 = one: gen_cpu = the generator processes, node_cpu = the twistd nodes together, "
-        f"machine_cpu = the whole machine, PostgreSQL included, in the window)")
+        f"machine_cpu = the whole machine, PostgreSQL included, in the window; background_cpu = the machine with this bench idle just before each run: other work on the host)")
 
 
 def raise_nofile() -> None:
@@ -102,9 +102,33 @@ def machine() -> tuple[int, int]:
     return sum(v) - v[3] - v[4], sum(v)
 
 
+def postgres_cpu() -> float:
+    """CPU seconds of every ``postgres`` process so far (the local server's backends and workers)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+        except OSError:
+            continue
+        if head.endswith("(postgres"):
+            fields = rest.split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def busy_cores(before: tuple[int, int]) -> float:
     after = machine()
     return (after[0] - before[0]) / max(1, after[1] - before[1]) * (CORES or 1)
+
+
+def background(seconds: float = 0.5) -> float:
+    """Busy cores of the machine over ``seconds`` with this bench idle (nodes up, no load): other work."""
+    m0 = machine()
+    time.sleep(seconds)
+    return busy_cores(m0)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -439,6 +463,7 @@ class Child:
 
 def idle_run(cluster: Cluster, n: int, devices: int, seconds: float, warmup: float) -> dict:
     nodes = cluster.nodes(n)
+    quiet = background()
     ports = [node.port for node in nodes]
     ids = [FIRST_ID + i for i in range(devices)]
     gens = [Child("gen", {"ports": ports, "ids": ids[g::GENS], "seconds": seconds, "warmup": warmup})
@@ -447,12 +472,12 @@ def idle_run(cluster: Cluster, n: int, devices: int, seconds: float, warmup: flo
         for g in gens:
             if g.line() != "primed":
                 raise RuntimeError("generator not primed")
-        cpu0, m0 = [node.cpu() for node in nodes], machine()
+        cpu0, m0, pg0 = [node.cpu() for node in nodes], machine(), postgres_cpu()
         for g in gens:
             g.send("go")
         outs = [json.loads(g.line()) for g in gens]
         node_cpu = [node.cpu() - c for node, c in zip(nodes, cpu0)]
-        busy = busy_cores(m0)
+        busy, pg = busy_cores(m0), postgres_cpu() - pg0
     finally:
         for g in gens:
             g.wait()
@@ -462,7 +487,7 @@ def idle_run(cluster: Cluster, n: int, devices: int, seconds: float, warmup: flo
     return {"rate": rate, "errors": sum(o["errors"] for o in outs), "lost": sum(o["lost"] for o in outs),
             "gen_cpu": sum(o["cpu"] for o in outs),
             "node_cpu": sum(node_cpu) / (window + warmup),  # nodes and machine from "go" (warm-up included)
-            "machine_cpu": busy}
+            "machine_cpu": busy, "pg_cpu": pg / (window + warmup), "background_cpu": quiet}
 
 
 # --------------------------------------------------------------------------------------
@@ -639,6 +664,7 @@ def fanout_run(cluster: Cluster, n: int, sockets: int, events: int) -> dict:
     """``sockets`` sockets on one device, in 2 client processes (one per node on 2 nodes); ``events``
     ingested in batches over 2 connections (one per node on 2 nodes); rate = deliveries / makespan."""
     nodes = cluster.nodes(n)
+    quiet = background()
     device = "FANOUT-0"
     per = sockets // 2
     groups = [nodes[i % n] for i in range(2)]
@@ -684,12 +710,13 @@ def fanout_run(cluster: Cluster, n: int, sockets: int, events: int) -> dict:
     return {"rate": sockets * events / makespan, "seconds": makespan, "ingest_s": done["finished"] - done["started"],
             "errors": done["errors"], "lost": sum(r["lost"] for r in reports),
             "frames": sum(r["frames"] for r in reports), "client_cpu": sum(r["cpu"] for r in reports) / makespan,
-            "node_cpu": sum(node_cpu) / makespan, "machine_cpu": busy}
+            "node_cpu": sum(node_cpu) / makespan, "machine_cpu": busy, "background_cpu": quiet}
 
 
 def latency_run(cluster: Cluster, events: int) -> dict:
     """One socket on ``a`` and one on ``b`` (the same device); ``events`` POSTed to ``a`` at ``RATE``/s."""
     a, b = cluster.nodes(2)
+    quiet = background()
     device = "LATENCY-0"
     clients = {node.name: Child("clients", {"port": node.port, "n": 1, "path": socket_path(cluster, device),
                                             "mode": "latency", "target": events}) for node in (a, b)}
@@ -714,7 +741,7 @@ def latency_run(cluster: Cluster, events: int) -> dict:
             c.wait()
         ingest.wait()
     cluster.check_alive()
-    out: dict[str, Any] = {"errors": done["errors"], "sent": events}
+    out: dict[str, Any] = {"errors": done["errors"], "sent": events, "background_cpu": quiet}
     for name, report in reports.items():
         ms = [(now - sent) * 1000 for _, now, sent in report["received"]]
         seqs = [seq for seq, _, _ in report["received"]]
@@ -779,6 +806,9 @@ def run(quick: bool = False) -> list[dict]:
                  "peer_node_cpu": round(median(r["node_cpu"] for r in idle[1]), 2),
                  "machine_cpu": round(median(r["machine_cpu"] for r in idle[2]), 2),
                  "peer_machine_cpu": round(median(r["machine_cpu"] for r in idle[1]), 2),
+                 "background_cpu": round(median(r["background_cpu"] for rs in idle.values() for r in rs), 2),
+                 "pg_cpu": round(median(r["pg_cpu"] for r in idle[2]), 2),
+                 "peer_pg_cpu": round(median(r["pg_cpu"] for r in idle[1]), 2),
                  "errors": sum(r["errors"] for rs in idle.values() for r in rs),
                  "lost": sum(r["lost"] for rs in idle.values() for r in rs),
                  "note": NOTE + "; store PostgreSQL, bus Redis on both sides"})
@@ -795,6 +825,7 @@ def run(quick: bool = False) -> list[dict]:
                  "peer_node_cpu": round(median(r["node_cpu"] for r in fan[1]), 2),
                  "machine_cpu": round(median(r["machine_cpu"] for r in fan[2]), 2),
                  "peer_machine_cpu": round(median(r["machine_cpu"] for r in fan[1]), 2),
+                 "background_cpu": round(median(r["background_cpu"] for rs in fan.values() for r in rs), 2),
                  "errors": sum(r["errors"] for rs in fan.values() for r in rs),
                  "note": f"{CORES} cores shared by the nodes, the 2 client processes, the ingester, PostgreSQL "
                          f"and Redis; ingest split over the nodes like the sockets (2 connections, batches of "
@@ -814,6 +845,7 @@ def run(quick: bool = False) -> list[dict]:
                  "frames": sum(r["b"]["frames"] for r in lat), "peer_frames": sum(r["a"]["frames"] for r in lat),
                  "in_order": all(r[x]["in_order"] for r in lat for x in "ab"),
                  "errors": sum(r["errors"] for r in lat),
+                 "background_cpu": round(median(r["background_cpu"] for r in lat), 2),
                  "note": "iotd = p99 ingest on a (POST) -> frame on a socket on b; peer = the same events on a "
                          "socket on a, in the same runs; from just before the POST"})
     rows[-1]["node_errors_logged"] = logged
