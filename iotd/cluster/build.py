@@ -14,4 +14,9 @@ def make_cluster(config: Any, store: Any, reactor: Any) -> Cluster:
         return Cluster(node=node, channel=Channel(node))
     from iotd.cluster.redis import RedisChannel
 
-    return Cluster(node=node, channel=RedisChannel(node, config.cluster.bus, reactor), clustered=True)
+    cluster = Cluster(node=node, channel=RedisChannel(node, config.cluster.bus, reactor), clustered=True)
+    if config.store_backend == "postgresql":  # (SQLite: one machine; every node sweeps, checked in the store)
+        from iotd.cluster.leader import PgLeader
+
+        cluster.leader = PgLeader(config.store.url, reactor, node=node)
+    return cluster

@@ -50,7 +50,7 @@ class Presence:
             device.online = True
             self._registry.mark(device)
             self.log.info("device {device} online from {address}", device=device.identifier, address=address)
-            self._emit([(device.tenant, "conn", device.identifier, {"status": 1})])
+            self._emit([(device.tenant, "conn", device.identifier, {"status": 1})], device)
         self.wake(now + self.offline_after)
 
     def forget(self, device: Any) -> None:
@@ -82,6 +82,11 @@ class Presence:
         if gone:
             self._emit(gone)
 
-    def _emit(self, items: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+    def _emit(self, items: list[tuple[str, str, str, dict[str, Any]]], came_online: Any = None) -> None:
         d = self._pending.track(defer.Deferred.fromCoroutine(self._events.append(items)))
-        d.addErrback(lambda f: self.log.failure("push: writing conn events failed", f))
+        d.addErrback(self._emit_failed, came_online)
+
+    def _emit_failed(self, failure: Any, came_online: Any) -> None:
+        self.log.warn("push: writing conn events failed: {error}", error=failure.getErrorMessage())
+        if came_online is not None and came_online.online:
+            came_online.online = False  # not stored: the device's next poll makes the event again

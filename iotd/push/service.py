@@ -28,7 +28,9 @@ from iotd.push import transactions as tx
 from iotd.push.command import Command
 from iotd.push.pending import Pending
 from iotd.push.polls import Polls
+from iotd.cluster.node import single
 from iotd.push.presence import Presence
+from iotd.push.shared_presence import SharedPresence
 from iotd.push.sweeps import Sweeps
 from iotd.push.tally import Tally
 from iotd.push.waiters import Waiters
@@ -37,6 +39,7 @@ from iotd.store import commands as cmdsql
 from iotd.timefmt import micros_of
 
 MAX_ID = 2**63 - 1
+TOPIC = "push"  # between nodes: {"w": [tenant, device]} work queued, {"f": id} a command finished
 
 
 class CommandService(service.Service):
@@ -46,7 +49,7 @@ class CommandService(service.Service):
     name = "push"
 
     def __init__(self, store: Any, registry: Any, events: Any, clock: Any, config: Any,
-                 refresh_every: float = REFRESH_EVERY):
+                 refresh_every: float = REFRESH_EVERY, cluster: Any = None):
         self._store = store
         self._registry = registry
         self._events = events
@@ -56,8 +59,14 @@ class CommandService(service.Service):
         self._pending = Pending()
         self.tally = Tally()
         self.work = Work()
-        self.presence = Presence(registry, events, clock, float(config.offline_after), self._pending)
+        self.cluster = cluster if cluster is not None else single()
+        if self.cluster.clustered:
+            self.presence: Any = SharedPresence(registry, events, clock, float(config.offline_after),
+                                                self._pending, store)
+        else:
+            self.presence = Presence(registry, events, clock, float(config.offline_after), self._pending)
         self.waiters = Waiters(clock, self.get)
+        self.waiters.announce = self._announce_finished
         self.polls = Polls(events, clock, self.work, self.tally, self.waiters, self._pending,
                            self.command_timeout, self.max_attempts)
         self.sweeps = Sweeps(store, clock, self._pending, self.presence, self.command_timeout,
@@ -72,6 +81,8 @@ class CommandService(service.Service):
         self.ready = False
         self.load_failed = False
         self._ready_waiters: list[defer.Deferred] = []
+        self.cluster.subscribe(TOPIC, self._message)
+        self.cluster.leader.on_change(self._leadership)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -89,6 +100,8 @@ class CommandService(service.Service):
             raise
         self.work.merge((tenant, device) for _, tenant, device, _ in rows)
         self.tally.load(counts)
+        if isinstance(self.presence, SharedPresence):
+            await self.presence.load()
         self.ready = True
         self.log.info("command queue loaded: {queued} queued, {sent} sent",
                       queued=self.tally.counts["queued"], sent=self.tally.counts["sent"])
@@ -113,16 +126,52 @@ class CommandService(service.Service):
             self._start_timers()
 
     def _start_timers(self) -> defer.Deferred:
-        """Start the sweeps and the refresh; fires when the sweeps' first pass ended."""
+        """Start the refresh, and the sweeps if this node leads; fires when their first pass ended."""
         self.refresher.start()
+        if isinstance(self.presence, SharedPresence):
+            self.presence.start()
+        if not self.cluster.leader.is_leader:
+            return defer.succeed(None)
+        return self._lead()
+
+    def _lead(self) -> defer.Deferred:
+        if isinstance(self.presence, SharedPresence):
+            self.presence.lead(True)
         if self.sweeps.running:
             return defer.succeed(None)
         self.sweeps.startService()
         return self.sweeps.first_pass
 
+    def _leadership(self, leader: bool) -> None:
+        """The leader runs the sweeps (last attempts, offline); a node that takes over catches up at once."""
+        if not (self.running and self.ready):
+            return
+        if leader:
+            self._lead()
+        else:
+            if isinstance(self.presence, SharedPresence):
+                self.presence.lead(False)
+            if self.sweeps.running:
+                self.sweeps.stopService()
+
+    # -- between nodes ----------------------------------------------------------------
+
+    def _announce_finished(self, cmd: Command) -> None:
+        self.cluster.publish(TOPIC, {"f": cmd.id})
+
+    def _message(self, node: str, message: dict[str, Any]) -> None:
+        """Another node queued work for a device (``w``) or finished a command (``f``)."""
+        work, finished = message.get("w"), message.get("f")
+        if isinstance(work, list) and len(work) == 2 and all(isinstance(x, str) for x in work):
+            self.work.add((work[0], work[1]))
+        elif isinstance(finished, int) and finished in self.waiters.ids():
+            self._wake_if_finished(finished)
+
     def stopService(self) -> defer.Deferred:
         super().stopService()
         self.refresher.stop()
+        if isinstance(self.presence, SharedPresence):
+            self.presence.stop()
         if self.sweeps.running:
             self.sweeps.stopService()
         self.waiters.answer_all()  # ?wait= requests get the current state
@@ -147,7 +196,7 @@ class CommandService(service.Service):
         """Read ``command_id``; wake its waiters if it finished (here or in another process)."""
         def wake(cmd: Command | None) -> None:
             if cmd is not None and cmd.finished:
-                self.waiters.finished(cmd)
+                self.waiters.finished(cmd, announce=False)
 
         d = self.get(command_id)
         d.addCallbacks(wake, lambda f: self.log.warn("push: reading command {id} failed: {error}",
@@ -170,6 +219,7 @@ class CommandService(service.Service):
         cmd = value[0]
         self.tally.moved(None, "queued")
         self.work.add(cmd.key)
+        self.cluster.publish(TOPIC, {"w": list(cmd.key)})
         return cmd
 
     def get(self, command_id: int) -> defer.Deferred:

@@ -30,6 +30,8 @@ class Waiters:
         self._clock = clock
         self._current = current  # command id -> Deferred[Command | None] (a store read)
         self._by_id: dict[int, list[_Waiter]] = {}
+        # Called for each command this node finished (to wake waiters on the other nodes).
+        self.announce: Callable[[Command], None] = lambda cmd: None
 
     def __len__(self) -> int:
         return sum(len(w) for w in self._by_id.values())
@@ -67,8 +69,10 @@ class Waiters:
 
         self._current(waiter.cmd.id).addBoth(answer)
 
-    def finished(self, cmd: Command) -> None:
-        """``cmd`` finished (committed): wake its waiters with it."""
+    def finished(self, cmd: Command, announce: bool = True) -> None:
+        """``cmd`` finished (committed): wake its waiters with it (and, ``announce``: the other nodes')."""
+        if announce:
+            self.announce(cmd)
         for waiter in self._by_id.pop(cmd.id, ()):
             if waiter.call is not None and waiter.call.active():
                 waiter.call.cancel()

@@ -176,7 +176,7 @@ def job(ctx: Context, parent: service.MultiService):
     cfg = ctx.config.push
     if not cfg.enabled:
         return None
-    svc = CommandService(ctx.store, ctx.registry, ctx.events, ctx.reactor, cfg)
+    svc = CommandService(ctx.store, ctx.registry, ctx.events, ctx.reactor, cfg, cluster=ctx.cluster)
     svc.setServiceParent(parent)
     ctx.registry.add_delete_listener(svc.device_deleted)
     # Load the queue once the core (store, registry) is up; whoever awaits

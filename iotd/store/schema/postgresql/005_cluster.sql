@@ -20,3 +20,13 @@ CREATE INDEX links_by_tenant ON links (tenant, id);
 CREATE INDEX links_by_node ON links (node);
 INSERT INTO meta (name, value) VALUES ('cluster_id', md5(random()::text || clock_timestamp()::text));
 INSERT INTO meta (name, value) VALUES ('registry_revision', '0');
+-- Which push devices are online, cluster-wide: a transition is one checked update (one conn event),
+-- seen_us is each node's latest poll, flushed every second; the leader's sweep marks the silent offline.
+CREATE TABLE presence (
+    tenant  TEXT NOT NULL,
+    device  TEXT NOT NULL,
+    online  INTEGER NOT NULL,
+    seen_us BIGINT NOT NULL,
+    PRIMARY KEY (tenant, device)
+);
+CREATE INDEX presence_silent ON presence (online, seen_us);
