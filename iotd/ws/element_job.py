@@ -14,7 +14,7 @@ from typing import Any
 from klein import Klein
 from twisted.application import service
 
-from iotd import errors
+from iotd import errors, scopes
 from iotd.context import Context
 from iotd.request import arg
 from iotd.ws.element import ElementFactory
@@ -30,36 +30,18 @@ URLS = {
     "stream": "/api/v1/streams/<target>",
     "mandate": "/api/v1",
 }
-PARTS = {"packets": ("packet", "packets"), "readings": ("reading", "readings")}
+PARTS = {"packets": "packet", "readings": "reading"}
 
 
 def routes(app: Klein, ctx: Context, factory: ElementFactory) -> None:
     async def element_socket(request: Any, scope: str, part: str, target: str | None) -> Any:
-        kind, resource = PARTS[part]
+        kind = PARTS[part]
         key = upgrade_key(ctx, request)
         if key is None:
             raise errors.Unauthorized("a valid API key is required")
-        if not key.allows(resource, "read"):
-            raise errors.Forbidden(f"this key lacks {resource}:read")
+        scopes.check_read(key, kind)
         tenant = key.tenant
-        if scope == "mandate":
-            if key.role not in ("admin", "read_only"):
-                raise errors.Forbidden("tenant-wide sockets need an admin or read_only key")
-            target = ""
-        elif scope == "device":
-            device = ctx.registry.get(tenant, target)
-            if device is None:
-                raise errors.NotFound(f"no device {target!r}")
-            if not key.sees(device):
-                raise errors.Forbidden(f"this key may not read device {device.identifier}")
-            target = device.identifier
-        elif scope == "tag":
-            if key.limited and target not in key.groups:
-                raise errors.Forbidden(f"tag {target!r} is not one of this key's groups")
-            if not ctx.registry.has_tag(tenant, target):
-                raise errors.NotFound(f"no tag {target!r}")
-        elif ctx.registry.stream(tenant, target) is None:
-            raise errors.NotFound(f"no stream {target!r}")
+        target = scopes.open_scope(ctx.registry, key, scope, target)
         preload = parse_preload(arg(request, "preload"), kind)
         after = arg(request, "after")
         after_id = None
