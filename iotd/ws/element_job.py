@@ -14,10 +14,11 @@ from typing import Any
 from klein import Klein
 from twisted.application import service
 
-from iotd import errors, scopes
+from iotd import errors, metrics, scopes
 from iotd.context import Context
 from iotd.request import arg
 from iotd.ws.element import ElementFactory
+from iotd.store import history as histsql
 from iotd.ws.element_format import parse_after, parse_preload
 from iotd.ws.factory import SocketService
 from iotd.ws.limits import Limits
@@ -46,7 +47,11 @@ def routes(app: Klein, ctx: Context, factory: ElementFactory) -> None:
         after = arg(request, "after")
         after_id = None
         if after is not None:
-            after_id = await ctx.events.id_at(parse_after(after))
+            after_us = parse_after(after)
+            after_id = await ctx.events.id_at(after_us)
+            _, pruned_us = await ctx.store.read(histsql.pruned_through)
+            if after_us < pruned_us:  # retention removed some of what lay after `after`: replay the rest
+                metrics.replays_pruned.labels(kind).inc()
             still_valid(ctx, request)  # revoked or expired while we looked
 
         def setup(sock: Any) -> None:
