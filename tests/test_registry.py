@@ -166,3 +166,28 @@ async def test_a_group_key_sees_only_its_devices_in_a_stream(daemon):
     assert status == 200 and body == {"id": "s", "devices": ["MINE"], "tags": ["h"]}
     status, body = await daemon.request("GET", "/api/v1/streams/s")
     assert body["devices"] == ["MINE", "THEIRS", "GHOST"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_runtime_flush_keeps_a_doc_holding_a_nul_character(tmp_path):
+    from twisted.internet import reactor
+
+    import dbutil
+    from iotd.registry import Registry
+
+    store = dbutil.new_store(tmp_path / "nul.sqlite3", reactor)
+    await store.start()
+    try:
+        reg = Registry(store, reactor)
+        await reg.start()
+        device, _ = await reg.put("t", "nul", {"tags": ["a\u0000b"]})
+        reg.touch(device, "10.0.0.1", 123)
+        await reg.flush()  # (PostgreSQL's jsonb would refuse this doc)
+        again = Registry(store, reactor)
+        await again.start()
+        stored = again.get("t", "NUL")
+        assert stored.tags == ["a\u0000b"] and stored.lastAddress == "10.0.0.1" and stored.lastSeen == 123
+        await again.stop()
+        await reg.stop()
+    finally:
+        await store.stop()

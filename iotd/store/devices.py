@@ -46,12 +46,24 @@ def update_docs(conn: Any, rows: list[tuple[str, str, dict]]) -> None:
     """Write the runtime fields (:data:`RUNTIME`) of existing devices (the periodic lastSeen flush).
 
     Only those fields are merged into the stored doc, so a node's flush never
-    undoes a change another node made to the device's other fields meanwhile."""
-    merge = ("(doc::jsonb || ?::jsonb)::text" if conn.dialect == "postgresql" else "json_patch(doc, ?)")
-    conn.executemany(
-        f"UPDATE devices SET doc = {merge} WHERE tenant = ? AND identifier = ?",
-        [(json.dumps({k: doc.get(k) for k in RUNTIME}), tenant, ident) for tenant, ident, doc in rows],
-    )
+    undoes a change another node made to the device's other fields meanwhile.
+    SQLite merges with ``json_patch``; on PostgreSQL the doc is read under its
+    row lock and written back (a ``jsonb`` merge would refuse a doc holding
+    ``\\u0000``, which JSON text allows)."""
+    patches = [(tenant, ident, {k: doc.get(k) for k in RUNTIME}) for tenant, ident, doc in rows]
+    if conn.dialect != "postgresql":
+        conn.executemany("UPDATE devices SET doc = json_patch(doc, ?) WHERE tenant = ? AND identifier = ?",
+                         [(json.dumps(patch), tenant, ident) for tenant, ident, patch in patches])
+        return
+    for tenant, ident, patch in patches:
+        row = conn.execute("SELECT doc FROM devices WHERE tenant = ? AND identifier = ? FOR UPDATE",
+                           (tenant, ident)).fetchone()
+        if row is None:
+            continue
+        stored = json.loads(row[0])
+        stored.update(patch)
+        conn.execute("UPDATE devices SET doc = ? WHERE tenant = ? AND identifier = ?",
+                     (json.dumps(stored), tenant, ident))
 
 
 def delete(conn: Any, tenant: str, identifier: str) -> bool:
