@@ -143,6 +143,8 @@ class LinkManager:
         source: tuple[str, int] | None = None,
         key: bytes | None = None,
         iv: bytes | None = None,
+        max_duration_ms: int = 0,
+        rate_limit: int = 0,
     ) -> Link:
         """Open a link and bind its port.
 
@@ -158,6 +160,10 @@ class LinkManager:
             raise ValueError(f"device port out of range: {device_port!r}")
         if timeout_ms < 0:
             raise ValueError(f"timeout must be >= 0 ms, got {timeout_ms!r}")
+        if max_duration_ms < 0:
+            raise ValueError(f"maxDuration must be >= 0 ms, got {max_duration_ms!r}")
+        if rate_limit < 0:
+            raise ValueError(f"rateLimit must be >= 0 bytes/s, got {rate_limit!r}")
         if (key is None) != (iv is None):
             raise ValueError("encryption needs both key and iv")
         if key is not None and (len(key) != KEY_SIZE or len(iv or b"") != IV_SIZE):
@@ -184,6 +190,8 @@ class LinkManager:
             source=source,
             encrypted=key is not None,
             clock=self.clock,
+            max_duration_ms=max_duration_ms,
+            rate_limit=rate_limit,
         )
         relay: TCPRelay | UDPRelay
         if protocol == "tcp":
