@@ -107,6 +107,11 @@ class Link:
         """The relay that owns this link's sockets, bound to ``port``."""
         self._relay, self.port = relay, port
 
+    @property
+    def relay(self) -> Any:
+        """The relay that owns this link's sockets (a TCP link's takes a websocket client)."""
+        return self._relay
+
     def start(self, unused_ttl: float) -> None:
         """Arm the ``unused_ttl`` timer (closes the link unless it is used by then)."""
         if unused_ttl > 0:

@@ -19,11 +19,13 @@ Chosen where the spec is silent:
 - The access log replaces the value of every query parameter that may carry
   a key (``auth``, ``token``, ``ithings-token``, in any case) with
   ``REDACTED``, in the request URL and in the ``Referer`` header, and drops a
-  URL's fragment.
+  URL's fragment.  The token of a link websocket's path
+  (``/api/v1/devicelink/{token}/socket``) is replaced the same way.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
@@ -36,6 +38,7 @@ from iotd.context import Context
 from iotd.request import header, respond
 from iotd.web.connections import Site, write_error
 
+_LINK_SOCKET = re.compile(rb"^(/api/v1/devicelink/)[^/?#]+(/socket)")  # the token is a credential
 _REDACT = frozenset({"auth", "token", "ithings-token"})  # compared lower-cased
 LINGER = 2.0  # seconds a 413's connection reads and drops the rest of the body before closing
 
@@ -121,6 +124,7 @@ def redact_uri(uri: bytes) -> bytes:
     A fragment (never sent by a browser, but a client may) is dropped: it is not parsed here.
     """
     uri, hashmark, _fragment = uri.partition(b"#")
+    uri = _LINK_SOCKET.sub(rb"\1REDACTED\2", uri)
     if b"?" in uri:
         path, query = uri.split(b"?", 1)
         pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
