@@ -285,3 +285,40 @@ async def test_websocket_refusals_are_json_before_the_upgrade(daemon, servers):
 def test_the_access_log_strips_a_link_socket_token():
     assert redact_uri(b"/api/v1/devicelink/abcDEF_123-x/socket") == b"/api/v1/devicelink/REDACTED/socket"
     assert redact_uri(b"/api/v1/devicelink/plc-1") == b"/api/v1/devicelink/plc-1"
+
+
+class Stalled(protocol.Protocol):
+    """A device that reads nothing until told to."""
+
+    def __init__(self):
+        self.got = bytearray()
+        self.done = defer.Deferred()
+        self.want = None
+
+    def connectionMade(self):
+        self.transport.pauseProducing()
+
+    def dataReceived(self, data):
+        self.got += data
+        if self.want is not None and len(self.got) >= self.want and not self.done.called:
+            self.done.callback(bytes(self.got))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_device_pauses_reading_the_websocket(daemon, servers):
+    device = Stalled()
+    link = await open_link(daemon, servers(lambda: device))
+    client = await ws_connect(daemon, link["token"])
+    payload = os.urandom(8 * 1024 * 1024)
+    for i in range(0, len(payload), CHUNK):
+        client.sendMessage(payload[i:i + CHUNK], isBinary=True)
+    await task.deferLater(reactor, 1.0, lambda: None)
+    live = manager_of(daemon).get(link["token"])
+    assert live.buffered() <= 512 * 1024, live.buffered()
+    assert live.relay.client.transport not in reactor.getReaders()  # the websocket is not read
+    assert live.bytes_up < len(payload) // 2
+    device.want = len(payload)
+    device.transport.resumeProducing()
+    assert await device.done == payload
+    client.sendClose(1000)
+    await client.closed
