@@ -41,6 +41,20 @@ MAX_MESSAGE = BUFFER_SIZE  # a client message, and the largest chunk sent to it
 _OPEN = WebSocketProtocol.STATE_OPEN
 
 
+class LinkSockets:
+    """What the websocket route (:mod:`iotd.web.devicelink_socket`) needs: take a link, upgrade."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.factory = socket_factory(reactor)
+
+    def take(self, link: Any, addr: Any) -> Any:
+        """``link``'s client is a websocket from ``addr``: its side, or the refusal's reason."""
+        return link.relay.accept_websocket(addr, WebSocketSide)
+
+    def resource(self, side: WebSocketSide) -> WebSocketResource:
+        return upgrade(self.factory, side)
+
+
 def socket_factory(reactor: Any) -> WebSocketServerFactory:
     """The Autobahn factory (its options) every link websocket uses."""
     factory = WebSocketServerFactory(reactor=reactor)

@@ -43,6 +43,7 @@ from iotd.relay.directory import LinkDirectory
 from iotd.relay.forward import CloseTimeout
 from iotd.relay.links import AddressNotAllowed, LinkManager, NoFreePort, TenantLinkLimit
 from iotd.relay.service import start_links
+from iotd.relay.ws_side import LinkSockets
 from iotd.web import devicelink_socket
 from iotd.context import Context
 from iotd.request import read_json, require, respond, visible_device
@@ -125,7 +126,7 @@ def check_device_host(host: str | None, manager: LinkManager) -> str:
 def routes(app: Klein, ctx: Context, directory: LinkDirectory) -> None:
     cfg = ctx.config.devicelink
     manager = directory.manager
-    devicelink_socket.routes(app, manager, ctx.reactor)
+    devicelink_socket.routes(app, manager, LinkSockets(ctx.reactor))
 
     @app.route("/api/v1/devicelink/<identifier>", methods=["POST"])
     async def create_link(request, identifier):

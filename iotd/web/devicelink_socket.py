@@ -18,16 +18,25 @@ from typing import Any
 from klein import Klein
 
 from iotd import errors
-from iotd.relay.links import LinkManager
-from iotd.relay.ws_side import WebSocketSide, socket_factory, upgrade
 from iotd.request import header
-from iotd.ws.upgrade import check_headers
 
 PATH = "/api/v1/devicelink/<token>/socket"
 
 
-def routes(app: Klein, manager: LinkManager, reactor: Any) -> None:
-    factory = socket_factory(reactor)
+def check_headers(request: Any) -> None:
+    """400 ``invalid_header`` when a header's value is not UTF-8 (Autobahn parses them again)."""
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        for value in values:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = name.decode("ascii", "replace")
+                raise errors.BadRequest(f"header {shown} is not UTF-8", code="invalid_header") from None
+
+
+def routes(app: Klein, manager: Any, sockets: Any) -> None:
+    """``manager``: the node's :class:`~iotd.relay.links.LinkManager`; ``sockets``: its
+    :class:`~iotd.relay.ws_side.LinkSockets`."""
 
     @app.route(PATH, methods=["GET"])
     def link_socket(request, token):
@@ -40,11 +49,11 @@ def routes(app: Klein, manager: LinkManager, reactor: Any) -> None:
         if "websocket" not in (header(request, "upgrade") or "").lower():
             raise errors.ApiError("this URL is a websocket: send an Upgrade: websocket request",
                                   code="upgrade_required", status=426)
-        side = link.relay.accept_websocket(request.getClientAddress(), WebSocketSide)
+        side = sockets.take(link, request.getClientAddress())
         if side == "refused_source":
             raise errors.Forbidden("this link is pinned to another source address", code="refused_source")
         if side == "refused_taken":
             raise errors.Conflict("this link already has its client", code="link_taken")
         for name in (b"origin", b"sec-websocket-origin"):  # the token authenticates, no cookies ride on
             request.requestHeaders.removeHeader(name)
-        return upgrade(factory, side)
+        return sockets.resource(side)
