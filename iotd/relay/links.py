@@ -16,6 +16,8 @@ Choices made:
   (``AddressNotAllowed``); a host name is checked by the TCP relay when the
   client connects (see ``addresses``).  The default policy (no networks)
   excludes loopback, unspecified and link-local addresses.
+- ``max_duration_ms`` and ``rate_limit`` are the link's (:class:`~iotd.relay.link.Link`
+  arms the lifetime timer; the relays apply the rate).
 - ``max_links`` caps all links, ``max_links_per_tenant`` (0 = no cap) one
   tenant's; both are counted in O(1).
 - Time comes only from the injected clock (``clock``, by default the
@@ -213,7 +215,8 @@ class LinkManager:
         self.log.info(
             "link {token} opened: {protocol} port {port} -> device {device} "
             "at {device_host}:{device_port} (tenant {tenant}, source {source}, "
-            "encrypted {encrypted}, timeout {timeout_ms} ms)",
+            "encrypted {encrypted}, timeout {timeout_ms} ms, max duration {max_duration_ms} ms, "
+            "rate limit {rate_limit} B/s)",
             token=link.token[:6],
             protocol=protocol,
             port=link.port,
@@ -224,6 +227,8 @@ class LinkManager:
             source=f"{source[0]}:{source[1]}" if source else "first client",
             encrypted=link.encrypted,
             timeout_ms=timeout_ms,
+            max_duration_ms=max_duration_ms,
+            rate_limit=rate_limit,
         )
         for callback in tuple(self._opened):
             try:
