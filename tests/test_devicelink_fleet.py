@@ -322,3 +322,16 @@ async def test_a_slow_device_pauses_reading_the_websocket(daemon, servers):
     assert await device.done == payload
     client.sendClose(1000)
     await client.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limit_slows_the_device_side_of_a_websocket_link(daemon, servers):
+    payload = os.urandom(300_000)
+    link = await open_link(daemon, servers(lambda: Flood(payload)), rateLimit=100_000)
+    client = await ws_connect(daemon, link["token"])
+    started = reactor.seconds()
+    got = await client.wait_for(len(payload))
+    assert got == payload
+    assert 2.0 - 0.1 <= reactor.seconds() - started <= 3.0  # (the device may start just before the open)
+    client.sendClose(1000)
+    await client.closed
