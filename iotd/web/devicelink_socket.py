@@ -38,7 +38,7 @@ def routes(app: Klein, manager: Any, sockets: Any) -> None:
     """``manager``: the node's :class:`~iotd.relay.links.LinkManager`; ``sockets``: its
     :class:`~iotd.relay.ws_side.LinkSockets`."""
 
-    @app.route(PATH, methods=["GET"])
+    @app.route(PATH, methods=["GET"], endpoint="ws_devicelink")  # ws_: a websocket URL (OpenAPI x-websockets)
     def link_socket(request, token):
         check_headers(request)
         link = manager.get(token)
