@@ -11,7 +11,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from twisted.internet import defer, protocol, reactor, task, threads
 
-from iotd.web.site import redact_uri
+from iotd.web.site import access_log, redact_uri
 
 CHUNK = 64 * 1024
 
@@ -335,3 +335,22 @@ async def test_rate_limit_slows_the_device_side_of_a_websocket_link(daemon, serv
     assert 2.0 - 0.1 <= reactor.seconds() - started <= 3.0  # (the device may start just before the open)
     client.sendClose(1000)
     await client.closed
+
+
+def test_the_access_log_strips_a_link_token_from_get_and_delete():
+    class Request:
+        uri, clientproto, code, sentLength = b"/api/v1/devicelink/Tok3n_x", b"HTTP/1.1", 204, 0
+
+        def __init__(self, method):
+            self.method = method
+
+        def getClientAddress(self):
+            return None
+
+        def getHeader(self, name):
+            return None
+
+    for method in (b"GET", b"DELETE"):
+        line = access_log("[ts]", Request(method))
+        assert "Tok3n_x" not in line and "/api/v1/devicelink/REDACTED" in line
+    assert "/api/v1/devicelink/Tok3n_x" in access_log("[ts]", Request(b"POST"))  # a device identifier

@@ -20,7 +20,9 @@ Chosen where the spec is silent:
   a key (``auth``, ``token``, ``ithings-token``, in any case) with
   ``REDACTED``, in the request URL and in the ``Referer`` header, and drops a
   URL's fragment.  The token of a link websocket's path
-  (``/api/v1/devicelink/{token}/socket``) is replaced the same way.
+  (``/api/v1/devicelink/{token}/socket``) is replaced the same way, and so is
+  the token of ``GET``/``DELETE /api/v1/devicelink/{token}``: the token alone
+  opens the link's websocket.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from iotd.request import header, respond
 from iotd.web.connections import Site, write_error
 
 _LINK_SOCKET = re.compile(rb"^(/api/v1/devicelink/)[^/?#]+(/socket)")  # the token is a credential
+_LINK_TOKEN = re.compile(rb"^(/api/v1/devicelink/)[^/?#]+(?=$|[?#])")  # GET/DELETE name a link by its token
 _REDACT = frozenset({"auth", "token", "ithings-token"})  # compared lower-cased
 LINGER = 2.0  # seconds a 413's connection reads and drops the rest of the body before closing
 
@@ -133,6 +136,14 @@ def redact_uri(uri: bytes) -> bytes:
     return uri + (b"#" if hashmark else b"")
 
 
+def _link_token_redacted(request: Any) -> bytes:
+    """The request URI with a link token replaced (``GET``/``DELETE /api/v1/devicelink/{token}``;
+    a ``POST`` there names a device, which stays)."""
+    if request.method in (b"GET", b"DELETE"):
+        return _LINK_TOKEN.sub(rb"\1REDACTED", request.uri)
+    return request.uri
+
+
 def access_log(timestamp: str, request: Any) -> str:
     """Combined log format with the key-carrying query values of the URL and the Referer redacted."""
     ip = request.getClientAddress()
@@ -142,7 +153,7 @@ def access_log(timestamp: str, request: Any) -> str:
         host,
         timestamp,
         request.method.decode("latin-1", "replace"),
-        redact_uri(request.uri).decode("latin-1", "replace"),
+        redact_uri(_link_token_redacted(request)).decode("latin-1", "replace"),
         request.clientproto.decode("latin-1", "replace"),
         request.code,
         request.sentLength or "-",
