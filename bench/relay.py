@@ -19,6 +19,10 @@ Measurements (each run >= 3 times, alternating iotd and peer, medians reported):
   are compared with iotd plain.
 - UDP datagrams/s delivered to the sink at saturation (the generator sends
   as fast as it can), with the loss.
+- A TCP link over a websocket on the HTTP port, next to the same link's port:
+  1 link, the same bytes (a length header, then that many bytes, answered by
+  the device's count) through the link's websocket and through its port, MB/s
+  (row ``relay_ws_tcp_1``, peer ``iotd port``).
 - Added latency: TCP ping-pong of 64 bytes through the relay minus direct to
   the echo device, p50 and p99; the ratio is peer/iotd (lower is better).
 
@@ -86,6 +90,29 @@ def _sink(conn: socket.socket) -> None:
         conn.sendall(struct.pack("!Q", total))
 
 
+def _counter(conn: socket.socket) -> None:
+    """Read an 8-byte length N, then N bytes; answer with the count (no FIN needed: a websocket has none)."""
+    buf = bytearray(1 << 20)
+    with conn:
+        head = b""
+        while len(head) < 8:
+            chunk = conn.recv(8 - len(head))
+            if not chunk:
+                return
+            head += chunk
+        want, total = struct.unpack("!Q", head)[0], 0
+        while total < want:
+            n = conn.recv_into(buf, min(len(buf), want - total))
+            if not n:
+                break
+            total += n
+        conn.sendall(struct.pack("!Q", total))
+        try:
+            conn.recv(1)  # until the client goes
+        except OSError:
+            pass
+
+
 def _echo(conn: socket.socket) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     with conn:
@@ -129,14 +156,16 @@ class _UDPSink:
 
 
 def role_device(_: argparse.Namespace) -> None:
-    sink, echo = _tcp_listener(), _tcp_listener()
+    sink, echo, counter = _tcp_listener(), _tcp_listener(), _tcp_listener()
     udp = _UDPSink()
     threading.Thread(target=_serve, args=(sink, _sink), daemon=True).start()
+    threading.Thread(target=_serve, args=(counter, _counter), daemon=True).start()
     threading.Thread(target=_serve, args=(echo, _echo), daemon=True).start()
     threading.Thread(target=udp.run, daemon=True).start()
     ports = {
         "tcp_sink": sink.getsockname()[1],
         "tcp_echo": echo.getsockname()[1],
+        "tcp_counter": counter.getsockname()[1],
         "udp_sink": udp.sock.getsockname()[1],
     }
     print(json.dumps(ports), flush=True)
@@ -180,8 +209,27 @@ def role_relay(args: argparse.Namespace) -> None:
         def connectionLost(self, reason: Any = None) -> None:
             manager.close_all().addBoth(lambda _: reactor.stop())
 
+    out: dict[str, Any] = {"ports": ports}
+    if args.ws:  # an HTTP site whose /link/<i> is link i's websocket (what iotd's route does)
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        from iotd.relay.ws_side import WebSocketSide, socket_factory, upgrade
+
+        links = manager.all_links()
+        factory = socket_factory(reactor)
+
+        class LinkSocket(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> Any:
+                link = links[int(request.postpath[-1])]
+                side = link.relay.accept_websocket(request.getClientAddress(), WebSocketSide)
+                return upgrade(factory, side).render(request)
+
+        out["http"] = reactor.listenTCP(0, Site(LinkSocket()), interface=LOOPBACK).getHost().port
     stdio.StandardIO(Control())
-    print(json.dumps({"ports": ports}), flush=True)
+    print(json.dumps(out), flush=True)
     reactor.run()
 
 
@@ -223,6 +271,91 @@ def role_gen_tcp(args: argparse.Namespace) -> None:
     t0 = min(r[0] for r in results)
     t1 = max(r[1] for r in results)
     print(json.dumps({"bytes": sum(r[2] for r in results), "seconds": t1 - t0}), flush=True)
+
+
+def _ws_frame(payload: bytes, mask: bytes = b"\x5a\xa5\x3c\xc3") -> bytes:
+    """One masked binary frame (the client side of RFC 6455)."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x82, 0x80 | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x82, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x82, 0x80 | 127, n)
+    keystream = (mask * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(keystream, "big")).to_bytes(n, "big")
+    return head + mask + masked
+
+
+def _ws_open(port: int, path: str) -> socket.socket:
+    s = socket.create_connection((LOOPBACK, port))
+    s.sendall((f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise RuntimeError("websocket handshake refused")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(head.split(b"\r\n", 1)[0].decode())
+    return s
+
+
+def _ws_read(s: socket.socket, want: int) -> bytes:
+    """``want`` bytes of the binary messages the server sends (unmasked frames)."""
+    got = b""
+    buf = b""
+    while len(got) < want:
+        while len(buf) < 2 or len(buf) < _ws_need(buf):
+            chunk = s.recv(65536)
+            if not chunk:
+                return got
+            buf += chunk
+        need = _ws_need(buf)
+        start = {126: 4, 127: 10}.get(buf[1] & 0x7F, 2)  # the header's length
+        got += buf[start:need]
+        buf = buf[need:]
+    return got
+
+
+def _ws_need(buf: bytes) -> int:
+    """Bytes of the whole first frame in ``buf`` (header included), as far as it is known."""
+    n = buf[1] & 0x7F
+    if n < 126:
+        return 2 + n
+    if n == 126:
+        return 4 + (struct.unpack("!H", buf[2:4])[0] if len(buf) >= 4 else 1 << 30)
+    return 10 + (struct.unpack("!Q", buf[2:10])[0] if len(buf) >= 10 else 1 << 30)
+
+
+def role_gen_bulk(args: argparse.Namespace) -> None:
+    """Send an 8-byte length and that many bytes through the link's port or websocket;
+    the device answers with its count."""
+    total = args.count
+    block = os.urandom(64 * 1024)
+    header = struct.pack("!Q", total)
+    if args.transport == "ws":
+        s = _ws_open(args.port, args.path)
+        frame = _ws_frame(block)  # masked once: the content is random anyway
+        first, send_block, last = _ws_frame(header), frame, lambda rest: _ws_frame(block[:rest])
+    else:
+        s = socket.create_connection((LOOPBACK, args.port))
+        first, send_block, last = header, block, lambda rest: block[:rest]
+    t0 = time.perf_counter()
+    s.sendall(first)
+    left = total
+    while left >= len(block):
+        s.sendall(send_block)
+        left -= len(block)
+    if left:
+        s.sendall(last(left))
+    reply = _ws_read(s, 8) if args.transport == "ws" else s.recv(8)
+    t1 = time.perf_counter()
+    s.close()
+    print(json.dumps({"bytes": struct.unpack("!Q", reply)[0] if len(reply) == 8 else 0,
+                      "seconds": t1 - t0}), flush=True)
 
 
 def role_gen_udp(args: argparse.Namespace) -> None:
@@ -355,16 +488,21 @@ _base_port = [21000]
 
 
 @contextmanager
-def iotd_relay(protocol: str, device_port: int, links: int, aes: bool = False) -> Iterator[list[int]]:
-    """A relay process with ``links`` links to ``device_port``; yields their ports."""
+def iotd_relay(protocol: str, device_port: int, links: int, aes: bool = False,
+               ws: bool = False) -> Iterator[Any]:
+    """A relay process with ``links`` links to ``device_port``; yields their ports
+    (with ``ws``: ``(ports, http_port)``, link i's websocket is ``/link/i`` there)."""
     _base_port[0] = 21000 + (_base_port[0] - 21000 + 200) % 8000  # fresh ports every run
     argv = ["--protocol", protocol, "--device-port", str(device_port), "--links", str(links)]
     argv += ["--base-port", str(_base_port[0])]
     if aes:
         argv += ["--key", AES_KEY.hex(), "--iv", AES_IV.hex()]
+    if ws:
+        argv += ["--ws"]
     proc = _child("relay", *argv)
     try:
-        yield list(_json_line(proc)["ports"])
+        out = _json_line(proc)
+        yield (list(out["ports"]), out["http"]) if ws else list(out["ports"])
     finally:
         _stop(proc)
 
@@ -407,6 +545,19 @@ def tcp_throughput(relay: Relay, device: Device, links: int, seconds: float, aes
     with relay("tcp", device.ports["tcp_sink"], links, **kw) as ports:
         argv[1] = ",".join(map(str, ports))
         out = _run_child("gen-tcp", *argv)
+    return float(out["bytes"]) / out["seconds"] / 1e6
+
+
+def link_bulk(device: Device, transport: str, total: int) -> float:
+    """MB/s of ``total`` bytes client -> device through one iotd link's port or websocket."""
+    with iotd_relay("tcp", device.ports["tcp_counter"], 1, ws=True) as (ports, http):
+        if transport == "ws":
+            argv = ["--transport", "ws", "--port", str(http), "--path", "/link/0"]
+        else:
+            argv = ["--transport", "port", "--port", str(ports[0])]
+        out = _run_child("gen-bulk", *argv, "--count", str(total))
+    if out["bytes"] != total:
+        raise RuntimeError(f"{transport}: the device counted {out['bytes']} of {total} bytes")
     return float(out["bytes"]) / out["seconds"] / 1e6
 
 
@@ -516,6 +667,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
             )
             log(f"tcp aes {links} link(s): aes {a} plain {b}")
             rows.append(_row(f"relay_tcp_aes_{links}", "MB/s", median(a), "iotd plain", median(b)))
+        total = (256 if quick else 1024) * 1024 * 1024
+        a, b = _alternate(reps, lambda: link_bulk(device, "ws", total), lambda: link_bulk(device, "port", total))
+        log(f"tcp link over a websocket: ws {a} port {b}")
+        rows.append(_row("relay_ws_tcp_1", "MB/s", median(a), "iotd port", median(b), bytes=total))
         for size in (64, 1200):
             a, b = _alternate(
                 reps,
@@ -575,12 +730,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
+    parser.add_argument("--ws", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--transport", default="port", help=argparse.SUPPRESS)
+    parser.add_argument("--path", default="/", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     roles = {
         "device": role_device,
         "relay": role_relay,
         "gen-tcp": role_gen_tcp,
         "gen-udp": role_gen_udp,
+        "gen-bulk": role_gen_bulk,
         "ping": role_ping,
     }
     if args.role:

@@ -194,6 +194,8 @@ class DeviceLinkSection:
     allowed_device_networks: tuple[Any, ...] = ()
     require_source: bool = False
     max_links_per_tenant: int = 0
+    max_duration_ms: int = 0
+    rate_limit: int = 0
 
 
 @attrs.frozen
@@ -294,6 +296,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "allowed_device_networks": _cidrs,
             "require_source": _bool,
             "max_links_per_tenant": _int_min(0),
+            "max_duration_ms": _int_min(0),
+            "rate_limit": _int_min(0),
         },
     ),
     "websocket": (

@@ -9,6 +9,10 @@
   socket to the device, keeping datagram boundaries.
 - ``tcp_sides``: the TCP link's protocols (client side, device side, the
   listening factory) and the eager writes.
+- ``ws_side``: a TCP link's client over a websocket on the HTTP port (the
+  side, its transport-like pipe, the Autobahn factory).
+- ``bucket``: the rate limit -- a token bucket per direction and the gate that
+  pauses a TCP reader while its bucket is empty.
 - ``link``: the ``Link`` -- what the REST layer shows, its counters (the
   relays report to it), its timers, its close and ``on_closed`` callbacks.
 - ``links``: ``LinkManager`` (port allocation, limits, metrics flush, logs).

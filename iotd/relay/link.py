@@ -18,6 +18,12 @@ counters themselves are read-only.  Whoever keeps track of links (the
 - Metrics: byte and datagram counts live in plain ints on the ``Link`` and
   are added to the Prometheus counters by :meth:`Link.flush_metrics` (the
   manager calls it every ``flush_interval`` seconds and at close).
+- Lifetime: ``max_duration_ms > 0`` closes the link (reason ``max_duration``)
+  that long after its creation, in use or not; ``expires_at`` is then set.
+- Rate limit: ``rate_limit`` (bytes/s per direction, 0 = none) is applied by
+  the relays (:mod:`iotd.relay.bucket`); UDP datagrams over it are dropped and
+  counted (:meth:`Link.datagram_rate_dropped`, ``rate_limited`` in
+  ``iotd_link_failures_total``).
 """
 
 from __future__ import annotations
@@ -60,19 +66,23 @@ class Link:
     created_at: float = attrs.field(init=False)
     _last_activity: float = attrs.field(init=False)
     port: int = 0
+    max_duration_ms: int = 0
+    rate_limit: int = 0
     _bytes_up: int = attrs.field(default=0, init=False)
     _bytes_down: int = attrs.field(default=0, init=False)
     _datagrams_up: int = attrs.field(default=0, init=False)
     _datagrams_down: int = attrs.field(default=0, init=False)
     _refused: int = attrs.field(default=0, init=False)
     _dropped: int = attrs.field(default=0, init=False)
+    _rate_dropped: int = attrs.field(default=0, init=False)
     used: bool = attrs.field(default=False, init=False)
     closed: bool = attrs.field(default=False, init=False)
     close_reason: str | None = attrs.field(default=None, init=False)
     _relay: Any = attrs.field(default=None, init=False, repr=False)
     _idle_call: Any = attrs.field(default=None, init=False, repr=False)
     _unused_call: Any = attrs.field(default=None, init=False, repr=False)
-    _flushed: list[int] = attrs.field(factory=lambda: [0] * 6, init=False, repr=False)
+    _expiry_call: Any = attrs.field(default=None, init=False, repr=False)
+    _flushed: list[int] = attrs.field(factory=lambda: [0] * 7, init=False, repr=False)
     _shutdown: defer.Deferred[None] | None = attrs.field(default=None, init=False, repr=False)
     _waiters: list[defer.Deferred[None]] = attrs.field(factory=list, init=False, repr=False)
     _closed_callbacks: list[Callable[[Link, str], None]] = attrs.field(factory=list, init=False, repr=False)
@@ -88,6 +98,7 @@ class Link:
     datagrams_down = property(attrgetter("_datagrams_down"))
     refused = property(attrgetter("_refused"))
     dropped = property(attrgetter("_dropped"))
+    rate_dropped = property(attrgetter("_rate_dropped"))
     last_activity = property(attrgetter("_last_activity"))
 
     # -- set up by the manager ---------------------------------------------
@@ -96,10 +107,22 @@ class Link:
         """The relay that owns this link's sockets, bound to ``port``."""
         self._relay, self.port = relay, port
 
+    @property
+    def relay(self) -> Any:
+        """The relay that owns this link's sockets (a TCP link's takes a websocket client)."""
+        return self._relay
+
     def start(self, unused_ttl: float) -> None:
         """Arm the ``unused_ttl`` timer (closes the link unless it is used by then)."""
         if unused_ttl > 0:
             self._unused_call = self.clock.callLater(unused_ttl, self._unused_expired)
+        if self.max_duration_ms > 0:
+            self._expiry_call = self.clock.callLater(self.max_duration_ms / 1000.0, self.close, "max_duration")
+
+    @property
+    def expires_at(self) -> float | None:
+        """When ``max_duration_ms`` closes the link (clock seconds), or None."""
+        return self.created_at + self.max_duration_ms / 1000.0 if self.max_duration_ms > 0 else None
 
     def on_closed(self, callback: Callable[[Link, str], None]) -> None:
         """``callback(link, reason)`` runs once, when the link closes."""
@@ -139,6 +162,10 @@ class Link:
         """A datagram could not be delivered (no client yet, kernel refused, ICMP)."""
         self._dropped += 1
 
+    def datagram_rate_dropped(self) -> None:
+        """A datagram over the link's ``rate_limit`` was dropped."""
+        self._rate_dropped += 1
+
     def touch(self) -> None:
         """Activity without bytes (the device connection is up)."""
         self._last_activity = self.clock.seconds()
@@ -165,10 +192,10 @@ class Link:
             return
         self.closed = True
         self.close_reason = reason
-        for call in (self._idle_call, self._unused_call):
+        for call in (self._idle_call, self._unused_call, self._expiry_call):
             if call is not None and call.active():
                 call.cancel()
-        self._idle_call = self._unused_call = None
+        self._idle_call = self._unused_call = self._expiry_call = None
         shutdown = self._relay.shutdown(abort) if self._relay is not None else defer.succeed(None)
         shutdown.addErrback(self._shutdown_failed)
         self._shutdown = shutdown
@@ -214,9 +241,14 @@ class Link:
             "bytesUp": self._bytes_up,
             "bytesDown": self._bytes_down,
         }
+        if self.max_duration_ms > 0:
+            out.update(maxDuration=self.max_duration_ms, expiresAt=_iso(self.expires_at or 0.0))
+        if self.rate_limit > 0:
+            out["rateLimit"] = self.rate_limit
         if self.protocol == "udp":
             out.update(datagramsUp=self._datagrams_up, datagramsDown=self._datagrams_down,
-                       datagramsRefused=self._refused, datagramsDropped=self._dropped)
+                       datagramsRefused=self._refused, datagramsDropped=self._dropped,
+                       datagramsRateDropped=self._rate_dropped)
         return out
 
     # -- timers and metrics ----------------------------------------------------
@@ -240,11 +272,11 @@ class Link:
     def flush_metrics(self) -> None:
         """Add what was counted since the last flush to the Prometheus counters."""
         now = [self._bytes_up, self._bytes_down, self._datagrams_up, self._datagrams_down,
-               self._refused, self._dropped]
+               self._refused, self._dropped, self._rate_dropped]
         flushed = self._flushed
         if now == flushed:
             return
-        up, down, dgu, dgd, refused, dropped = (n - f for n, f in zip(now, flushed))
+        up, down, dgu, dgd, refused, dropped, rate_dropped = (n - f for n, f in zip(now, flushed))
         proto = self.protocol
         if up:
             _BYTES[proto, "up"].inc(up)
@@ -258,6 +290,8 @@ class Link:
             metrics.link_failures.labels("refused_source").inc(refused)
         if dropped:
             metrics.link_failures.labels("udp_dropped").inc(dropped)
+        if rate_dropped:
+            metrics.link_failures.labels("rate_limited").inc(rate_dropped)
         self._flushed = now
 
 

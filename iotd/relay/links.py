@@ -16,6 +16,8 @@ Choices made:
   (``AddressNotAllowed``); a host name is checked by the TCP relay when the
   client connects (see ``addresses``).  The default policy (no networks)
   excludes loopback, unspecified and link-local addresses.
+- ``max_duration_ms`` and ``rate_limit`` are the link's (:class:`~iotd.relay.link.Link`
+  arms the lifetime timer; the relays apply the rate).
 - ``max_links`` caps all links, ``max_links_per_tenant`` (0 = no cap) one
   tenant's; both are counted in O(1).
 - Time comes only from the injected clock (``clock``, by default the
@@ -143,6 +145,8 @@ class LinkManager:
         source: tuple[str, int] | None = None,
         key: bytes | None = None,
         iv: bytes | None = None,
+        max_duration_ms: int = 0,
+        rate_limit: int = 0,
     ) -> Link:
         """Open a link and bind its port.
 
@@ -158,6 +162,10 @@ class LinkManager:
             raise ValueError(f"device port out of range: {device_port!r}")
         if timeout_ms < 0:
             raise ValueError(f"timeout must be >= 0 ms, got {timeout_ms!r}")
+        if max_duration_ms < 0:
+            raise ValueError(f"maxDuration must be >= 0 ms, got {max_duration_ms!r}")
+        if rate_limit < 0:
+            raise ValueError(f"rateLimit must be >= 0 bytes/s, got {rate_limit!r}")
         if (key is None) != (iv is None):
             raise ValueError("encryption needs both key and iv")
         if key is not None and (len(key) != KEY_SIZE or len(iv or b"") != IV_SIZE):
@@ -184,6 +192,8 @@ class LinkManager:
             source=source,
             encrypted=key is not None,
             clock=self.clock,
+            max_duration_ms=max_duration_ms,
+            rate_limit=rate_limit,
         )
         relay: TCPRelay | UDPRelay
         if protocol == "tcp":
@@ -205,7 +215,8 @@ class LinkManager:
         self.log.info(
             "link {token} opened: {protocol} port {port} -> device {device} "
             "at {device_host}:{device_port} (tenant {tenant}, source {source}, "
-            "encrypted {encrypted}, timeout {timeout_ms} ms)",
+            "encrypted {encrypted}, timeout {timeout_ms} ms, max duration {max_duration_ms} ms, "
+            "rate limit {rate_limit} B/s)",
             token=link.token[:6],
             protocol=protocol,
             port=link.port,
@@ -216,6 +227,8 @@ class LinkManager:
             source=f"{source[0]}:{source[1]}" if source else "first client",
             encrypted=link.encrypted,
             timeout_ms=timeout_ms,
+            max_duration_ms=max_duration_ms,
+            rate_limit=rate_limit,
         )
         for callback in tuple(self._opened):
             try:

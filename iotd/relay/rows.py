@@ -48,7 +48,7 @@ def link_doc(link: Link, node: str, public_host: str = "") -> dict[str, Any]:
 
 def _snapshot(link: Link) -> tuple:
     return (link.bytes_up, link.bytes_down, link.datagrams_up, link.datagrams_down,
-            link.refused, link.dropped, link.last_activity)
+            link.refused, link.dropped, link.rate_dropped, link.last_activity)
 
 
 class LinkRows:

@@ -29,6 +29,15 @@ Choices made:
   after its pending bytes.  When both directions have been passed on
   (``writeConnectionLost`` on both) the link closes with reason ``done``; a
   reset of either side closes it with ``client_reset``/``device_reset``.
+- **Rate limit** (``Link.rate_limit`` > 0): each reading side gets a
+  :class:`~iotd.relay.bucket.Gate` with its own bucket, registered as the
+  peer's producer in place of the bare transport, and reads in chunks of a
+  tenth of a second's worth; a side that spent its tokens stops reading until
+  they are back (back-pressure: nothing dropped, nothing queued).
+- **Over a websocket** (:mod:`iotd.relay.ws_side`): the client may instead be
+  a websocket on the HTTP port (:meth:`TCPRelay.accept_websocket`).  It is the
+  link's one client like a port client, and the relay drives it through the
+  same calls: every side shows the relay a transport-like ``pipe``.
 - **Hot path and eager writes**: see :mod:`iotd.relay.tcp_sides`.
 - ``shutdown`` (DELETE, timeouts, resets, service stop) aborts both
   connections -- "closes both sockets at once" -- and stops listening; its
@@ -48,6 +57,7 @@ from twisted.logger import Logger
 
 from iotd import metrics
 from iotd.relay.addresses import DevicePolicy, resolve
+from iotd.relay.bucket import Bucket, Gate, chunk_size
 from iotd.relay.ctr import Transform, stream_transform
 from iotd.relay.relay import Relay
 from iotd.relay.tcp_sides import BUFFER_SIZE, ClientSide, DeviceSide, ListeningFactory, Side, eager_writer
@@ -98,6 +108,7 @@ class TCPRelay(Relay):
         self._dial_timed_out = False
         self._writes_shut = 0
         self._closed: defer.Deferred[Any] | None = None
+        self._gates: dict[Any, Gate] = {}
 
     # -- life cycle driven by Link / LinkManager --------------------------
 
@@ -120,15 +131,17 @@ class TCPRelay(Relay):
             self._dial_timer.cancel()
         if self._dialing is not None:
             self._dialing.cancel()  # errback lands in _dial_failed, which sees CLOSED
+        for gate in self._gates.values():
+            gate.stop()
         waits: list[defer.Deferred[Any]] = []
         if self._port is not None:
             waits.append(defer.maybeDeferred(self._port.stopListening))
         for side in (self.client, self.device):
             if side is not None and side.transport is not None:
                 if abort:
-                    side.transport.abortConnection()
+                    side.pipe.abortConnection()
                 else:
-                    side.transport.loseConnection()
+                    side.pipe.loseConnection()
                 waits.append(side.lost)
         self._closed = defer.gatherResults(waits, consumeErrors=True)
         self._closed.addCallback(lambda _: None)
@@ -146,15 +159,34 @@ class TCPRelay(Relay):
         self.state = state
 
     def accept(self, addr: Any) -> ClientSide | None:
+        refused = self._claim(addr)
+        if refused is not None:
+            return self._refuse(addr, refused)
+        self.client = ClientSide(self, self._t_up)
+        self.link.mark_used()
+        return self.client
+
+    def accept_websocket(self, addr: Any, make: Any) -> Any:
+        """The link's client is a websocket from ``addr``: ``make(relay, transform)``
+        builds its side.  Returns the side, or the refusal's reason
+        (``refused_source``, ``refused_taken``) as a string."""
+        refused = self._claim(addr)
+        if refused is not None:
+            self._refuse(addr, refused)
+            return refused
+        self.client = make(self, self._t_up)
+        self.link.mark_used()
+        return self.client
+
+    def _claim(self, addr: Any) -> str | None:
+        """Take the link for the client at ``addr``; the refusal's reason, if not."""
         link = self.link
         if link.source is not None and (addr.host, addr.port) != link.source:
-            return self._refuse(addr, "refused_source")
+            return "refused_source"
         if self.state is not State.LISTENING:
-            return self._refuse(addr, "refused_taken")
+            return "refused_taken"
         self._to(State.CONNECTING)
-        self.client = ClientSide(self, self._t_up)
-        link.mark_used()
-        return self.client
+        return None
 
     def _refuse(self, addr: Any, reason: str) -> None:
         metrics.link_failures.labels(reason).inc()
@@ -168,8 +200,8 @@ class TCPRelay(Relay):
         level("link {token} ({protocol} port {port}, device {device}) " + text,
               token=link.token[:6], protocol="tcp", port=link.port, device=link.device, **fields)
 
-    def client_connected(self, client: ClientSide) -> None:
-        transport = client.transport
+    def client_connected(self, client: Any) -> None:
+        transport = client.pipe
         transport.pauseProducing()  # type: ignore[union-attr]
         transport.bufferSize = BUFFER_SIZE  # type: ignore[union-attr]
         transport.setTcpNoDelay(True)  # type: ignore[union-attr]
@@ -232,7 +264,7 @@ class TCPRelay(Relay):
 
     def device_connected(self, device: DeviceSide) -> None:
         if self.state is not State.CONNECTING:
-            device.transport.abortConnection()  # type: ignore[union-attr]
+            device.pipe.abortConnection()  # type: ignore[union-attr]
             return
         self._dialing = None
         if self._dial_timer is not None and self._dial_timer.active():
@@ -241,16 +273,29 @@ class TCPRelay(Relay):
         client = self.client
         assert client is not None
         self.device = device
-        ct, dt = client.transport, device.transport
+        ct, dt = client.pipe, device.pipe
         dt.setTcpNoDelay(True)  # type: ignore[union-attr]
         dt.bufferSize = BUFFER_SIZE  # type: ignore[union-attr]
         client._write = eager_writer(dt)
         device._write = eager_writer(ct)
+        up, down = self._throttle(client, ct), self._throttle(device, dt)
         # A full write buffer on one side pauses reading on the other.
-        ct.registerProducer(dt, True)  # type: ignore[union-attr]
-        dt.registerProducer(ct, True)  # type: ignore[union-attr]
+        ct.registerProducer(down, True)  # type: ignore[union-attr]
+        dt.registerProducer(up, True)  # type: ignore[union-attr]
         self.link.touch()
         ct.resumeProducing()  # type: ignore[union-attr]
+
+    def _throttle(self, side: Any, pipe: Any) -> Any:
+        """The producer that pauses ``side``'s reading: its pipe, or a rate-limiting gate."""
+        rate = self.link.rate_limit
+        if rate <= 0:
+            return pipe
+        chunk = chunk_size(rate, BUFFER_SIZE)
+        gate = Gate(pipe, Bucket(rate, self.clock), chunk)
+        pipe.bufferSize = chunk  # reads (and the write queue) of a tenth of a second's worth
+        side._count = gate.counter(side._count)
+        self._gates[side] = gate
+        return gate
 
     def _peer(self, side: Side) -> Side | None:
         return self.device if side is self.client else self.client
@@ -260,10 +305,13 @@ class TCPRelay(Relay):
         if side.read_done:
             return
         side.read_done = True
+        gate = self._gates.get(side)
+        if gate is not None:
+            gate.stop()
         peer = self._peer(side)
         if self.state is not State.RELAYING or peer is None:
             return
-        pt = peer.transport
+        pt = peer.pipe
         pt.unregisterProducer()  # type: ignore[union-attr]
         pt.loseWriteConnection()  # type: ignore[union-attr]
 

@@ -91,6 +91,11 @@ class Side(Protocol):
         t = self._transform
         self._write(t(data) if t is not None else data)
 
+    @property
+    def pipe(self) -> Any:
+        """What the relay pauses, writes to and closes: the transport itself."""
+        return self.transport
+
     def readConnectionLost(self) -> None:
         self.relay.read_ended(self)
 

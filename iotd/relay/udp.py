@@ -18,6 +18,10 @@ Choices made:
   full, ICMP unreachable) is dropped and counted in ``Link.dropped`` instead
   of being queued, so memory stays flat.  ``OSError`` is caught right at the
   ``write`` -- Twisted would otherwise log a traceback per dropped datagram.
+- Rate limit (``Link.rate_limit`` > 0): a token bucket per direction
+  (:class:`~iotd.relay.bucket.Bucket`, a burst of one second's worth); a
+  datagram the bucket cannot pay for whole is dropped and counted
+  (``Link.rate_dropped``), before it is counted as relayed.
 - Encryption, when asked for, restarts the keystream at the IV for every
   datagram (see ``ctr``).
 - Hot path: ``datagramReceived`` -> ``Link.datagram_up``/``datagram_down``
@@ -33,6 +37,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.error import MessageLengthError
 from twisted.internet.protocol import DatagramProtocol
 
+from iotd.relay.bucket import Bucket
 from iotd.relay.ctr import Transform, datagram_transform
 from iotd.relay.relay import Relay
 
@@ -54,6 +59,8 @@ class _Datagrams(DatagramProtocol):
         self.link = relay.link
         self._transform = relay.transform
         self._send: Any = None
+        rate = relay.link.rate_limit
+        self._bucket = Bucket(rate, relay.link.clock) if rate > 0 else None
 
     def _relay(self, data: bytes, *to: Any) -> None:
         t = self._transform
@@ -71,6 +78,9 @@ class _ClientDatagrams(_Datagrams):
                 self.link.datagram_refused()
                 return
             relay.client = addr  # first sender inherits the link
+        if self._bucket is not None and not self._bucket.allow(len(data)):
+            self.link.datagram_rate_dropped()
+            return
         self.link.datagram_up(len(data))
         self._relay(data)
 
@@ -80,6 +90,9 @@ class _DeviceDatagrams(_Datagrams):
         client = self.relay.client
         if client is None:
             self.link.datagram_dropped()
+            return
+        if self._bucket is not None and not self._bucket.allow(len(data)):
+            self.link.datagram_rate_dropped()
             return
         self.link.datagram_down(len(data))
         self._relay(data, client)

@@ -4,7 +4,8 @@
 device's registry ``host``; ``DELETE /api/v1/devicelink/{token}`` closes it;
 ``GET /api/v1/devicelink`` lists the tenant's open links of every node
 (``GET /api/v1/devicelink/{token}`` one of them), each with its ``node``.
-The relay itself is :mod:`iotd.relay` (its service:
+``GET /api/v1/devicelink/{token}/socket`` uses a TCP link over a websocket
+(:mod:`iotd.web.devicelink_socket`).  The relay itself is :mod:`iotd.relay` (its service:
 :mod:`iotd.relay.service`; every node's links: :mod:`iotd.relay.directory`).
 
 Several nodes (spec 50): a link's sockets are on the node that created it
@@ -42,6 +43,8 @@ from iotd.relay.directory import LinkDirectory
 from iotd.relay.forward import CloseTimeout
 from iotd.relay.links import AddressNotAllowed, LinkManager, NoFreePort, TenantLinkLimit
 from iotd.relay.service import start_links
+from iotd.relay.ws_side import LinkSockets
+from iotd.web import devicelink_socket
 from iotd.context import Context
 from iotd.request import read_json, require, respond, visible_device
 
@@ -60,10 +63,19 @@ def _hex(value: Any, name: str, chars: int) -> bytes:
     return bytes.fromhex(value)
 
 
+def _count(body: Any, name: str, default: int, unit: str) -> int:
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**31:
+        raise errors.Invalid(f"{name} must be {unit} >= 0")
+    return value
+
+
 def parse_link_request(body: Any, device: Any, default_timeout_ms: int,
-                       require_source: bool = False) -> dict[str, Any]:
+                       require_source: bool = False, max_duration_ms: int = 0,
+                       rate_limit: int = 0) -> dict[str, Any]:
     """The checked request with defaults filled in; raises Invalid (422)."""
-    errors.require_object(body, {"protocol", "devicePort", "timeout", "source", "encrypt"})
+    errors.require_object(body, {"protocol", "devicePort", "timeout", "source", "encrypt",
+                                 "maxDuration", "rateLimit"})
     protocol = body.get("protocol")
     if protocol not in ("tcp", "udp"):
         raise errors.Invalid("protocol must be 'tcp' or 'udp'")
@@ -73,9 +85,9 @@ def parse_link_request(body: Any, device: Any, default_timeout_ms: int,
         if port is None:
             raise errors.Invalid("devicePort is required: the device has no ports.default")
     port = _port(port, "devicePort")
-    timeout = body.get("timeout", default_timeout_ms)
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= 2**31:
-        raise errors.Invalid("timeout must be milliseconds >= 0")
+    timeout = _count(body, "timeout", default_timeout_ms, "milliseconds")
+    duration = _count(body, "maxDuration", max_duration_ms, "milliseconds")
+    rate = _count(body, "rateLimit", rate_limit, "bytes per second")
     source = body.get("source")
     if source is None and require_source:
         raise errors.Invalid("source is required: [devicelink] require_source is set")
@@ -96,7 +108,8 @@ def parse_link_request(body: Any, device: Any, default_timeout_ms: int,
         key = _hex(encrypt["key"], "encrypt.key", 64)
         iv = _hex(encrypt["initializationVector"], "encrypt.initializationVector", 32)
     return {"protocol": protocol, "devicePort": port, "timeout": timeout, "source": source,
-            "encrypt": encrypt, "_key": key, "_iv": iv}
+            "encrypt": encrypt, "maxDuration": duration or None, "rateLimit": rate or None,
+            "_key": key, "_iv": iv}
 
 
 def check_device_host(host: str | None, manager: LinkManager) -> str:
@@ -113,18 +126,21 @@ def check_device_host(host: str | None, manager: LinkManager) -> str:
 def routes(app: Klein, ctx: Context, directory: LinkDirectory) -> None:
     cfg = ctx.config.devicelink
     manager = directory.manager
+    devicelink_socket.routes(app, manager, LinkSockets(ctx.reactor))
 
     @app.route("/api/v1/devicelink/<identifier>", methods=["POST"])
     async def create_link(request, identifier):
         key = require(ctx, request, "deviceLink", "create")
         device = visible_device(ctx, key, identifier)
-        req = parse_link_request(read_json(request), device, cfg.default_timeout_ms, cfg.require_source)
+        req = parse_link_request(read_json(request), device, cfg.default_timeout_ms, cfg.require_source,
+                                 cfg.max_duration_ms, cfg.rate_limit)
         host = check_device_host(device.host, manager)
         source = (req["source"]["host"], req["source"]["port"]) if req["source"] else None
         try:
             link = manager.open(tenant=key.tenant, device=device.identifier, protocol=req["protocol"],
                                 device_host=host, device_port=req["devicePort"], timeout_ms=req["timeout"],
-                                source=source, key=req["_key"], iv=req["_iv"])
+                                source=source, key=req["_key"], iv=req["_iv"],
+                                max_duration_ms=req["maxDuration"] or 0, rate_limit=req["rateLimit"] or 0)
         except TenantLinkLimit as e:
             raise errors.Unavailable(str(e), code="too_many_links") from None
         except NoFreePort as e:
@@ -135,6 +151,8 @@ def routes(app: Klein, ctx: Context, directory: LinkDirectory) -> None:
             raise errors.Invalid(str(e)) from None
         out = {k: v for k, v in req.items() if not k.startswith("_") and v is not None}
         out.update(device=device.identifier, port=link.port, token=link.token, node=ctx.cluster.node)
+        if link.expires_at is not None:
+            out["expiresAt"] = link.to_json()["expiresAt"]
         if cfg.public_host:
             out["host"] = cfg.public_host
         await directory.rows.written(link.token)  # every node lists it once we answer

@@ -155,10 +155,14 @@ SCHEMAS: dict[str, Any] = {
         "items": {"type": "array", "items": ref("Command")}, "next": {"type": "integer"}}},
     "LinkBody": {"type": "object", "properties": {
         "protocol": {"enum": ["tcp", "udp"]}, "devicePort": {"type": "integer"}, "timeout": {"type": "integer"},
-        "source": {"type": "object"}, "encrypt": {"type": "object"}}},
+        "source": {"type": "object"}, "encrypt": {"type": "object"},
+        "maxDuration": {"type": "integer", "minimum": 0, "description": "ms after creation the link closes; 0 = none"},
+        "rateLimit": {"type": "integer", "minimum": 0, "description": "bytes/s per direction; 0 = none"}}},
     "Link": {"type": "object", "required": ["device", "port", "token"], "properties": {
         "device": {"type": "string"}, "port": {"type": "integer"}, "token": {"type": "string"},
-        "host": {"type": "string"}, "node": {"type": ["string", "null"]}}},
+        "host": {"type": "string"}, "node": {"type": ["string", "null"]},
+        "maxDuration": {"type": "integer"}, "expiresAt": _TIME, "rateLimit": {"type": "integer"},
+        "datagramsRateDropped": {"type": "integer"}}},
     "LinkList": {"type": "object", "required": ["items"], "properties": {"items": {
         "type": "array", "items": ref("Link")}}},
     "Health": {"type": "object", "required": ["status", "version"], "properties": {
@@ -297,6 +301,10 @@ def _websockets() -> dict[str, Any]:
                 "parameters": [{"name": n, "in": "query", "description": d} for n, d in _WS_QUERY.items()]}
     out["/api/v1/system/common/websocket/connect"] = {"summary": "iThings-style subscriptions", "parameters": [
         {"name": "token", "in": "query", "description": "The API key (or the token header)"}]}
+    out["/api/v1/devicelink/{token}/socket"] = {
+        "summary": "A TCP link used over a websocket; the link token is the credential (no API key)",
+        "frames": "binary both ways: the bytes to and from the device (encrypt applies as on the port)",
+        "parameters": [{"name": "token", "in": "path", "description": "The link's token"}]}
     return out
 
 

@@ -19,11 +19,15 @@ Chosen where the spec is silent:
 - The access log replaces the value of every query parameter that may carry
   a key (``auth``, ``token``, ``ithings-token``, in any case) with
   ``REDACTED``, in the request URL and in the ``Referer`` header, and drops a
-  URL's fragment.
+  URL's fragment.  The token of a link websocket's path
+  (``/api/v1/devicelink/{token}/socket``) is replaced the same way, and so is
+  the token of ``GET``/``DELETE /api/v1/devicelink/{token}``: the token alone
+  opens the link's websocket.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
@@ -36,6 +40,8 @@ from iotd.context import Context
 from iotd.request import header, respond
 from iotd.web.connections import Site, write_error
 
+_LINK_SOCKET = re.compile(rb"^(/api/v1/devicelink/)[^/?#]+(/socket)")  # the token is a credential
+_LINK_TOKEN = re.compile(rb"^(/api/v1/devicelink/)[^/?#]+(?=$|[?#])")  # GET/DELETE name a link by its token
 _REDACT = frozenset({"auth", "token", "ithings-token"})  # compared lower-cased
 LINGER = 2.0  # seconds a 413's connection reads and drops the rest of the body before closing
 
@@ -121,12 +127,21 @@ def redact_uri(uri: bytes) -> bytes:
     A fragment (never sent by a browser, but a client may) is dropped: it is not parsed here.
     """
     uri, hashmark, _fragment = uri.partition(b"#")
+    uri = _LINK_SOCKET.sub(rb"\1REDACTED\2", uri)
     if b"?" in uri:
         path, query = uri.split(b"?", 1)
         pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
         clean = [(k, "REDACTED" if k.lower() in _REDACT else v) for k, v in pairs]
         uri = path + b"?" + urlencode(clean).encode("latin-1")
     return uri + (b"#" if hashmark else b"")
+
+
+def _link_token_redacted(request: Any) -> bytes:
+    """The request URI with a link token replaced (``GET``/``DELETE /api/v1/devicelink/{token}``;
+    a ``POST`` there names a device, which stays)."""
+    if request.method in (b"GET", b"DELETE"):
+        return _LINK_TOKEN.sub(rb"\1REDACTED", request.uri)
+    return request.uri
 
 
 def access_log(timestamp: str, request: Any) -> str:
@@ -138,7 +153,7 @@ def access_log(timestamp: str, request: Any) -> str:
         host,
         timestamp,
         request.method.decode("latin-1", "replace"),
-        redact_uri(request.uri).decode("latin-1", "replace"),
+        redact_uri(_link_token_redacted(request)).decode("latin-1", "replace"),
         request.clientproto.decode("latin-1", "replace"),
         request.code,
         request.sentLength or "-",
