@@ -246,6 +246,10 @@ async def test_the_refresh_reads_only_commands_queued_lately_yet_finds_work_queu
         read.append(len(rows))
         return rows, top
 
+    a.svc.refresher.stop()  # only the refreshes below run (the clock is shared: their loops would too)
+    b.svc.refresher.stop()
+    await a.svc.settle()
+    await b.svc.settle()
     cmdsql.unfinished_since = counting
     try:
         a.clock.advance(workmod.LAG + 1)
