@@ -23,6 +23,7 @@ from twisted.internet import defer
 from iotd import errors
 from iotd.context import Context
 from iotd.push import Command, CommandService, STATES
+from iotd.timefmt import parse_iso
 from iotd.request import arg, query_int, read_json, require, respond, visible_device
 from iotd.web.app import make_app
 from iotd.web.push_device import device_routes
@@ -32,7 +33,8 @@ MAX_WAIT = 60.0
 MAX_ID = 2**63 - 1
 _ENDPOINT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_FIELDS = {"verb", "endpoint", "body", "contentType", "queryString"}
+_FIELDS = {"verb", "endpoint", "body", "contentType", "queryString", "ttl", "expiresAt"}
+MAX_TTL = 2_592_000  # seconds (30 days)
 
 
 # -- validation -----------------------------------------------------------------
@@ -78,6 +80,18 @@ def validate_command(body: Any) -> dict[str, Any]:
                 base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError):
                 raise errors.Invalid("body must be a base64 string for application/octet-stream") from None
+    ttl, expires = body.get("ttl"), body.get("expiresAt")
+    if ttl is not None and expires is not None:
+        raise errors.Invalid("give ttl or expiresAt, not both")
+    if ttl is not None:
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TTL:
+            raise errors.Invalid(f"ttl must be seconds (1-{MAX_TTL})")
+        out["ttl"] = float(ttl)
+    if expires is not None:
+        try:
+            out["expiresAt"] = parse_iso(expires)  # micros
+        except (TypeError, ValueError, OverflowError):
+            raise errors.Invalid("expiresAt must be an ISO 8601 date-time such as 2030-01-01T00:00:00Z") from None
     return out
 
 
