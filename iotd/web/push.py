@@ -3,7 +3,9 @@
 - ``POST /api/v1/devices/{identifier}/commands`` queues (``?wait=S`` holds the
   answer until the command finishes: ``200``, or ``202`` when time is up);
 - ``GET /api/v1/commands/{id}``, ``GET /api/v1/devices/{identifier}/commands``;
-- ``DELETE /api/v1/commands/{id}`` cancels a queued command (``409`` once sent).
+- ``DELETE /api/v1/commands/{id}`` cancels a queued command (``409`` once sent);
+- ``POST /api/v1/commands`` (bulk) and ``GET /api/v1/command-batches/{id}``:
+  :mod:`iotd.web.push_bulk`.
 
 Every handler calls the command service (:class:`iotd.push.CommandService`);
 none touches SQL.  The device side is :mod:`iotd.web.push_device`.
@@ -26,6 +28,7 @@ from iotd.push import Command, CommandService, STATES
 from iotd.timefmt import parse_iso
 from iotd.request import arg, query_int, read_json, require, respond, visible_device
 from iotd.web.app import make_app
+from iotd.web.push_bulk import bulk_routes
 from iotd.web.push_device import device_routes
 from iotd.web.site import make_site
 
@@ -114,7 +117,11 @@ def _wait_seconds(request: Any) -> float | None:
 def operator_routes(svc: CommandService):
     """The ``routes(app, ctx)`` of the commands REST (``commands:*``)."""
 
+    bulk = bulk_routes(svc, validate_command)
+
     def routes(app: Klein, ctx: Context) -> None:
+        bulk(app, ctx)
+
         def visible(key: Any, cmd: Command | None) -> bool:
             if cmd is None or cmd.tenant != key.tenant:
                 return False
