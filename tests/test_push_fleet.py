@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
-import os
+import json
+
+import dbutil
 
 import pytest
 import pytest_twisted
@@ -22,10 +24,13 @@ async def command(d, cid: int) -> dict:
     return body
 
 
-async def action_events(d, device: str) -> list[dict]:
-    status, body = await d.request("GET", f"/api/v1/events?device={device}&type=action")
-    assert status == 200, body
-    return [e.get("data", e) for e in body.get("items", body.get("events", []))]
+def action_events(d) -> list[dict]:
+    conn = dbutil.connect(d.ctx.config)
+    try:
+        rows = conn.execute("SELECT data FROM events WHERE kind = 'action' ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    return [json.loads(r[0]) for r in rows]
 
 
 # -- expiry -----------------------------------------------------------------------
@@ -47,6 +52,9 @@ async def test_an_unsent_command_past_its_ttl_is_expired_by_the_sweep_and_never_
     assert got["status"] == "expired" and got["sentAt"] is None and got["finishedAt"] is not None
     assert (await poll(d.url, 10))[:2] == (200, None)
     assert push_service(d).tally.counts["expired"] == 1
+    [event] = action_events(d)
+    assert event["reqType"] == "resp" and event["code"] == 408 and event["msg"] == "expired"
+    assert event["msgToken"] == str(cid)
 
 
 @pytest_twisted.ensureDeferred
@@ -62,6 +70,7 @@ async def test_a_poll_right_after_the_deadline_does_not_get_the_command_even_bef
     assert status == 200 and cmd == {"endpoint": "fresh"}
     assert (await command(d, old))["status"] == "expired"
     assert (await command(d, fresh))["status"] == "sent"
+    assert [(e["code"], e["msgToken"]) for e in action_events(d)] == [(408, str(old)), (200, str(fresh))]
 
 
 @pytest_twisted.ensureDeferred
