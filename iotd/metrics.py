@@ -47,3 +47,5 @@ bus_up = Gauge("iotd_bus_up", "1 while the bus between nodes is connected")
 holes_filled = Counter("iotd_event_holes_filled_total",
                        "Events read from the store because the bus did not bring them in order")
 leader = Gauge("iotd_leader", "1 while this node is the leader (runs the sweeps)")
+replays_pruned = Counter("iotd_replays_pruned_total",
+                         "Socket replays whose after lay before what retention kept (history was missed)", ["kind"])

@@ -29,7 +29,7 @@ from iotd.cluster.nodes import refuse_without_bus
 from iotd.logs import set_level
 from iotd.service import CoreService
 from iotd.store import open_error, open_sync
-from iotd.web import devicelink, devices, ingest, keys, ops
+from iotd.web import devicelink, devices, history, ingest, keys, openapi, ops
 from iotd.web import push
 from iotd.context import Context
 from iotd.web.app import make_app
@@ -38,7 +38,8 @@ from iotd.ws import element_job, subscribe_job
 from iotd.ws.limits import Limits
 
 # The REST areas every daemon serves.
-AREAS = [ops.routes, keys.routes, devices.routes, ingest.routes]
+AREAS = [ops.routes, keys.routes, devices.routes, ingest.routes, history.routes,
+         openapi.routes]
 
 Job = Callable[[Context, service.MultiService], Any]
 

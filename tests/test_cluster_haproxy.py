@@ -83,6 +83,9 @@ def test_haproxy_in_front_spreads_requests_carries_websockets_and_leaves_out_a_d
             seen = {proxy.request("GET", "/healthz")[1]["node"] for _ in range(6)}
             assert seen == {"a", "b"}  # round robin over both nodes
             assert proxy.request("PUT", "/api/v1/devices/hp1", {}, key=key)[0] == 201
+            for name in ("a", "b"):  # a registry change reaches the other node over the bus (within 1 s)
+                wait_for(lambda name=name: nodes[name].request("GET", "/api/v1/devices/HP1", key=key)[0] == 200,
+                         1.0, f"{name} knows hp1")
             # Websockets through the proxy, on whichever node it picks: every event reaches both.
             sockets = [Socket(proxy, "/api/v1/devices/hp1/packets/socket", key) for _ in range(2)]
             time.sleep(0.3)

@@ -52,16 +52,16 @@ def echo_port():
 def exchange(port: int, payload: bytes) -> bytes:
     """Send ``payload`` to the link port and read until the link closes (or 5 s pass)."""
     got = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        try:
+    try:  # (a refused link may reset the connection before connect() has even returned)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(payload)
             while True:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 got += chunk
-        except (ConnectionResetError, BrokenPipeError, socket.timeout):
-            pass
+    except (ConnectionResetError, BrokenPipeError, socket.timeout):
+        pass
     return got
 
 

@@ -226,3 +226,35 @@ async def test_a_timed_out_last_attempt_fails_once_although_both_services_sweep(
     resp = await action_events(a, "resp")
     assert [(e["msgToken"], e["code"]) for e in resp] == [(str(cmd.id), 500)]  # one event, not two
     assert (await b.svc.hand_out(b.device("D2"))).id == nxt.id
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_refresh_reads_only_commands_queued_lately_yet_finds_work_queued_by_the_other(nodes):
+    from iotd.push import work as workmod
+    from iotd.store import commands as cmdsql
+
+    a, b = await nodes()
+    for n in range(DEVICES):
+        await a.svc.create("t", f"D{n}", {"endpoint": "load_objects"})
+    await b.svc.refresher.refresh()
+    assert all(b.svc.has_work("t", f"D{n}") for n in range(DEVICES))
+    read: list[int] = []
+    real = cmdsql.unfinished_since
+
+    def counting(conn, after_id):
+        rows, top = real(conn, after_id)
+        read.append(len(rows))
+        return rows, top
+
+    cmdsql.unfinished_since = counting
+    try:
+        a.clock.advance(workmod.LAG + 1)
+        await b.svc.refresher.refresh()  # the mark now trails behind every command above
+        await b.svc.refresher.refresh()
+        assert read[-1] == 0  # 25 unfinished commands, none read again
+        b.svc.work.devices.clear()  # (as if b had never heard of them: old work stays b's to know)
+        await a.svc.create("t", "D0", {"endpoint": "reboot"})  # new work, no bus between them
+        await b.svc.refresher.refresh()
+        assert read[-1] == 1 and b.svc.has_work("t", "D0")
+    finally:
+        cmdsql.unfinished_since = real

@@ -251,3 +251,25 @@ async def test_packet_preload_of_a_packet_pruned_meanwhile_is_null(daemon):
         assert body["id"] == stored["id"] and body["packet"] is None and "device" not in body
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replay_from_before_what_retention_kept_sends_the_rest_and_is_counted(daemon):
+    from iotd import metrics
+
+    await daemon.put_device("gate-01")
+    stored = await packets(daemon, "gate-01", 6)
+    assert await daemon.ctx.events.prune(parse_iso(stored[3]["inserted_at"])) == 3
+    counted = metrics.replays_pruned.labels("packet")._value.get()
+    client = await Client.open(socket_url(daemon, after=stored[0]["inserted_at"]))
+    try:
+        assert [e["body"] for e in await client.recv_json()] == stored[3:]  # what remains, as ELEMENT does
+    finally:
+        await client.close()
+    assert metrics.replays_pruned.labels("packet")._value.get() == counted + 1
+    client = await Client.open(socket_url(daemon, after=stored[2]["inserted_at"]))  # nothing missed
+    try:
+        assert [e["body"] for e in await client.recv_json()] == stored[3:]
+    finally:
+        await client.close()
+    assert metrics.replays_pruned.labels("packet")._value.get() == counted + 1

@@ -39,6 +39,7 @@ from iotd.store import commands as cmdsql
 from iotd.timefmt import micros_of
 
 MAX_ID = 2**63 - 1
+COUNT_EVERY = 10  # refreshes between two reads of the unfinished counts (the gauges)
 TOPIC = "push"  # between nodes: {"w": [tenant, device]} work queued, {"f": id} a command finished
 
 
@@ -73,6 +74,7 @@ class CommandService(service.Service):
         self.sweeps = Sweeps(store, clock, self._pending, self.presence, self.command_timeout,
                              self.max_attempts, self.polls.give_up, self.polls.expire)
         self.polls.last_attempt_sent = self.sweeps.last_attempt_sent
+        self._refreshes = 0
         self.refresher = Refresher(store, clock, self.work, self._pending, self._refreshed, refresh_every)
         # The device side, bound once (the idle poll is one call): see iotd.push.polls.
         self.hand_out_then = self.polls.hand_out_then
@@ -186,12 +188,18 @@ class CommandService(service.Service):
         return self._pending.track(d)
 
     def _refreshed(self, rows: list[tuple[int, str, str, str]]) -> None:
-        """The periodic read of unfinished commands: gauges, and waiters finished elsewhere."""
-        self.tally.unfinished(rows)
-        waited = self.waiters.ids()
+        """After each periodic refresh: every :data:`COUNT_EVERY` the gauges of unfinished
+        commands (from the store: other nodes change them too), and waiters whose command
+        finished on another node without the bus telling (one read of the waited ids)."""
+        self._refreshes += 1
+        if self._refreshes % COUNT_EVERY == 0:
+            self._track(self._store.read(cmdsql.unfinished_counts).addCallbacks(
+                self.tally.unfinished, lambda f: None))
+        waited = sorted(self.waiters.ids())[:1000]
         if waited:
-            for cid in waited - {r[0] for r in rows}:
-                self._wake_if_finished(cid)
+            d = self._store.read(cmdsql.finished_among, waited)
+            d.addCallbacks(lambda ids: [self._wake_if_finished(cid) for cid in ids], lambda f: None)
+            self._track(d)
 
     def _wake_if_finished(self, command_id: int) -> None:
         """Read ``command_id``; wake its waiters if it finished (here or in another process)."""

@@ -29,10 +29,10 @@ class Tally:
             self.counts[state] = counts.get(state, 0)
             _in_state[state].set(self.counts[state])
 
-    def unfinished(self, rows: list[tuple[int, str, str, str]]) -> None:
-        """A refresh read every queued and sent command."""
+    def unfinished(self, counts: dict[str, int]) -> None:
+        """The store's counts of queued and sent commands (every process's changes)."""
         for state in ("queued", "sent"):
-            self.counts[state] = sum(1 for r in rows if r[3] == state)
+            self.counts[state] = counts.get(state, 0)
             _in_state[state].set(self.counts[state])
 
     def moved(self, old: str | None, new: str) -> None:

@@ -7,15 +7,21 @@ device.  It is
 - kept current by this node's own transactions: a command queued adds its
   device, a transaction that found the device without unfinished commands
   (it holds the device's row lock while it looks) removes it;
+- told by the other nodes (``push`` topic on the bus) of work they queued;
 - refreshed from the store every :data:`REFRESH_EVERY` seconds by
-  :class:`Refresher`, so work that another process queued on the same
-  database reaches this node's idle polls without a bus.  A refresh only
-  adds: a device it shows stale costs one poll that goes to the store and
-  finds nothing (and removes it).
+  :class:`Refresher` -- the backstop for a lost bus message, and for
+  processes sharing a database without a bus.  A refresh only adds, and it
+  reads only what is new: the unfinished commands with an id above a mark
+  taken :data:`LAG` seconds earlier (ids may commit out of order, so the mark
+  trails), so its cost is the commands queued lately, not every unfinished
+  one.  (Commands are born queued and never become unfinished again, so work
+  older than the mark is known already.)  A device it shows stale costs one
+  poll that goes to the store and finds nothing (and removes it).
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
@@ -26,6 +32,7 @@ from iotd.push.pending import Pending
 from iotd.store import commands as cmdsql
 
 REFRESH_EVERY = 1.0  # seconds between two reads of which devices have work
+LAG = 10.0  # seconds a refresh mark trails (a transaction that took an id commits within it)
 
 Key = tuple[str, str]  # (tenant, device identifier)
 
@@ -70,6 +77,9 @@ class Refresher:
         self.every = every
         self._loop = LoopingCall(self.refresh)
         self._loop.clock = clock
+        self._clock = clock
+        self._after = 0  # the refresh reads unfinished commands with id above this
+        self._marks: collections.deque[tuple[float, int]] = collections.deque()  # (when, highest id)
 
     def start(self) -> None:
         if self.every > 0 and not self._loop.running:
@@ -81,12 +91,20 @@ class Refresher:
 
     def refresh(self) -> defer.Deferred:
         """One read now; fires when merged (never fails: a failed read is logged, the next one comes)."""
-        d = self._store.read(cmdsql.unfinished)
+        d = self._store.read(cmdsql.unfinished_since, self._after)
         d.addCallbacks(self._merge, self._failed)
         return self._pending.track(d)
 
-    def _merge(self, rows: list[tuple[int, str, str, str]]) -> None:
+    def _merge(self, value: tuple[list[tuple[int, str, str, str]], int]) -> None:
+        rows, top = value
         self._work.merge((tenant, device) for _, tenant, device, _ in rows)
+        now = self._clock.seconds()
+        marks = self._marks
+        marks.append((now, top))
+        while len(marks) > 1 and marks[1][0] <= now - LAG:
+            marks.popleft()
+        if marks[0][0] <= now - LAG:
+            self._after = max(self._after, marks[0][1])
         self._on_rows(rows)
 
     def _failed(self, failure: Any) -> None:

@@ -159,6 +159,29 @@ def unfinished(conn: Any) -> list[tuple[int, str, str, str]]:
         "SELECT id, tenant, device, status FROM commands WHERE status IN ('queued', 'sent')").fetchall()
 
 
+def unfinished_since(conn: Any, after_id: int) -> tuple[list[tuple[int, str, str, str]], int]:
+    """``(id, tenant, device, status)`` of the queued or sent commands with ``id > after_id``,
+    and the highest command id there is (the refresh's next mark)."""
+    rows = conn.execute("SELECT id, tenant, device, status FROM commands "
+                        "WHERE status IN ('queued', 'sent') AND id > ?", (after_id,)).fetchall()
+    top = conn.execute("SELECT max(id) FROM commands").fetchone()[0] or 0
+    return rows, top
+
+
+def unfinished_counts(conn: Any) -> dict[str, int]:
+    return dict(conn.execute("SELECT status, count(*) FROM commands WHERE status IN ('queued', 'sent') "
+                             "GROUP BY status").fetchall())
+
+
+def finished_among(conn: Any, ids: list[int]) -> list[int]:
+    """Which of ``ids`` are finished (their ``?wait=`` waiters may be woken)."""
+    if not ids:
+        return []
+    return [r[0] for r in conn.execute(
+        f"SELECT id FROM commands WHERE id IN ({','.join('?' * len(ids))}) "
+        "AND status NOT IN ('queued', 'sent')", ids)]
+
+
 def due_last_attempts(conn: Any, max_attempts: int, sent_before_us: int,
                       limit: int) -> tuple[list[tuple[int, int, int]], int | None]:
     """Sent commands on their last attempt, sent at or before ``sent_before_us``.

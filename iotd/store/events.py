@@ -153,4 +153,14 @@ def get(conn: Any, event_id: int) -> Row | None:
 
 
 def prune(conn: Any, before_us: int) -> int:
-    return conn.execute("DELETE FROM events WHERE inserted_us < ?", (before_us,)).rowcount
+    """Remove events stamped before ``before_us``; the newest removed ``(id, inserted_us)`` is
+    kept in ``meta`` as ``events_pruned_through`` (what history's ``pruned`` is told by)."""
+    newest = conn.execute("SELECT max(inserted_us) FROM events WHERE inserted_us < ?", (before_us,)).fetchone()[0]
+    if newest is None:
+        return 0
+    newest_id = conn.execute("SELECT id FROM events WHERE inserted_us = ?", (newest,)).fetchone()[0]
+    removed = conn.execute("DELETE FROM events WHERE inserted_us < ?", (before_us,)).rowcount
+    value = f"{newest_id} {newest}"
+    if not conn.execute("UPDATE meta SET value = ? WHERE name = 'events_pruned_through'", (value,)).rowcount:
+        conn.execute("INSERT INTO meta (name, value) VALUES ('events_pruned_through', ?)", (value,))
+    return removed

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 from twisted.internet import defer
 
+from iotd import scopes
 from iotd.events import Event
 from iotd.ws.element_format import KINDS, item, plain_frame
 from iotd.ws.element_index import ElementIndex
@@ -116,38 +117,11 @@ class ElementSocket(SocketProtocol):
 
     def wants(self, event: Event, device: Any) -> bool:
         """Does this socket's scope (and key) take ``event``?  Checked per event."""
-        if self.key.limited and (device is None or not self.key.sees(device)):
-            return False
-        scope = self.scope
-        if scope == "mandate":
-            return True
-        if scope == "device":
-            return event.device == self.target
-        if scope == "tag":
-            return device is not None and self.target in device.tags
-        stream = self.factory.registry.stream(self.tenant, self.target)
-        if stream is None:
-            return False
-        return stream.names(event.device) or (device is not None and stream.contains(device))
+        return scopes.wants(self.factory.registry, self.key, self.scope, self.target, event, device)
 
     def replay_devices(self) -> Iterable[str] | None:
         """The identifiers whose stored events the replay reads (None: all of the tenant)."""
-        scope, registry, key = self.scope, self.factory.registry, self.key
-        if scope == "mandate":
-            return None
-        if scope == "device":
-            return [self.target]
-        if scope == "tag":
-            return [d.identifier for d in registry.tagged(self.tenant, self.target) if key.sees(d)]
-        stream = registry.stream(self.tenant, self.target)
-        if stream is None:
-            return []
-        chosen = {d.identifier for tag in stream.tags for d in registry.tagged(self.tenant, tag) if key.sees(d)}
-        for ident in stream.devices:
-            device = registry.get(self.tenant, ident)
-            if not key.limited or (device is not None and key.sees(device)):
-                chosen.add(ident)
-        return sorted(chosen)
+        return scopes.devices_of(self.factory.registry, self.key, self.scope, self.target)
 
     # -- replay -------------------------------------------------------------------
 

@@ -14,10 +14,11 @@ from typing import Any
 from klein import Klein
 from twisted.application import service
 
-from iotd import errors
+from iotd import errors, metrics, scopes
 from iotd.context import Context
 from iotd.request import arg
 from iotd.ws.element import ElementFactory
+from iotd.store import history as histsql
 from iotd.ws.element_format import parse_after, parse_preload
 from iotd.ws.factory import SocketService
 from iotd.ws.limits import Limits
@@ -30,41 +31,27 @@ URLS = {
     "stream": "/api/v1/streams/<target>",
     "mandate": "/api/v1",
 }
-PARTS = {"packets": ("packet", "packets"), "readings": ("reading", "readings")}
+PARTS = {"packets": "packet", "readings": "reading"}
 
 
 def routes(app: Klein, ctx: Context, factory: ElementFactory) -> None:
     async def element_socket(request: Any, scope: str, part: str, target: str | None) -> Any:
-        kind, resource = PARTS[part]
+        kind = PARTS[part]
         key = upgrade_key(ctx, request)
         if key is None:
             raise errors.Unauthorized("a valid API key is required")
-        if not key.allows(resource, "read"):
-            raise errors.Forbidden(f"this key lacks {resource}:read")
+        scopes.check_read(key, kind)
         tenant = key.tenant
-        if scope == "mandate":
-            if key.role not in ("admin", "read_only"):
-                raise errors.Forbidden("tenant-wide sockets need an admin or read_only key")
-            target = ""
-        elif scope == "device":
-            device = ctx.registry.get(tenant, target)
-            if device is None:
-                raise errors.NotFound(f"no device {target!r}")
-            if not key.sees(device):
-                raise errors.Forbidden(f"this key may not read device {device.identifier}")
-            target = device.identifier
-        elif scope == "tag":
-            if key.limited and target not in key.groups:
-                raise errors.Forbidden(f"tag {target!r} is not one of this key's groups")
-            if not ctx.registry.has_tag(tenant, target):
-                raise errors.NotFound(f"no tag {target!r}")
-        elif ctx.registry.stream(tenant, target) is None:
-            raise errors.NotFound(f"no stream {target!r}")
+        target = scopes.open_scope(ctx.registry, key, scope, target)
         preload = parse_preload(arg(request, "preload"), kind)
         after = arg(request, "after")
         after_id = None
         if after is not None:
-            after_id = await ctx.events.id_at(parse_after(after))
+            after_us = parse_after(after)
+            after_id = await ctx.events.id_at(after_us)
+            _, pruned_us = await ctx.store.read(histsql.pruned_through)
+            if after_us < pruned_us:  # retention removed some of what lay after `after`: replay the rest
+                metrics.replays_pruned.labels(kind).inc()
             still_valid(ctx, request)  # revoked or expired while we looked
 
         def setup(sock: Any) -> None:
