@@ -22,7 +22,12 @@ A device runs one command at a time: ``/push`` hands out the oldest
 unfinished command of the device; if that one is already ``sent`` it goes out
 again only once ``command_timeout`` has passed since the last send, and once
 the last attempt's ``command_timeout`` has passed it fails (``no result after
-N attempts``) and the next one goes out in the same transaction.
+N attempts``) and the next one goes out in the same transaction.  Likewise a
+queued command whose deadline (``expires_us``) has passed is expired on the
+way, so no poll gets it even before the sweep (:func:`expire`) came by.
+
+A bulk request (:func:`create_batch`) queues every command of the batch in
+one transaction: all or none.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ Items = list[tuple[str, str, str, dict[str, Any]]]
 class HandOut(NamedTuple):
     command: Command | None  # what /push answers with (sent, attempts counted); None: empty
     busy: bool  # the oldest command is in flight (sent, within its command_timeout)
-    gave_up: list[Command]  # commands failed on the way (their last attempt had timed out)
+    gave_up: list[Command]  # commands ended on the way (last attempt timed out: failed; deadline passed: expired)
 
     @property
     def remaining(self) -> bool:
