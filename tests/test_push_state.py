@@ -163,3 +163,17 @@ def test_cancel_only_from_queued(conn):
     assert row(conn, b.id)[3] == int(NOW * 1e6)  # the first cancel's time stays
     missing, _ = run(conn, tx.cancel, 999, int(NOW * 1e6), "x")
     assert missing.command is None and missing.status is None
+
+
+def test_a_transaction_that_looked_before_work_was_added_does_not_remove_it():
+    from iotd.push.work import Work
+
+    work = Work()
+    key = ("t", "D")
+    work.add(key)
+    began = work.stamp  # a poll's transaction begins
+    work.add(key)  # another node queued meanwhile (the bus told us)
+    work.settled(key, False, began)  # the transaction found nothing: it looked too early
+    assert key in work
+    work.settled(key, False, work.stamp)  # a transaction that began after the add
+    assert key not in work

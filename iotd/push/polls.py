@@ -60,7 +60,8 @@ class Polls:
             return False
         d = self._events.transact(tx.hand_out, key[0], key[1], self._clock.seconds(), self.timeout,
                                   self.max_attempts, uuid)
-        d.addCallbacks(self._handed_out, self._then_failed, callbackArgs=(key, fn, args), errbackArgs=(fn, args))
+        d.addCallbacks(self._handed_out, self._then_failed, callbackArgs=(key, fn, args, self._work.stamp),
+                       errbackArgs=(fn, args))
         self._pending.track(d)
         return True
 
@@ -71,11 +72,12 @@ class Polls:
             d.callback(None)
         return d
 
-    def _handed_out(self, value: tuple[tx.HandOut, list], key: tuple[str, str], fn: Then, args: tuple) -> None:
+    def _handed_out(self, value: tuple[tx.HandOut, list], key: tuple[str, str], fn: Then, args: tuple,
+                    since: int) -> None:
         result = value[0]
         for cmd in result.gave_up:
             self.gave_up(cmd)
-        self._work.settled(key, result.remaining)
+        self._work.settled(key, result.remaining, since)
         cmd = result.command
         if cmd is None:
             polls["busy" if result.busy else "idle"].inc()
@@ -112,7 +114,7 @@ class Polls:
         key = (device.tenant, device.identifier)
         d = self._events.transact(tx.complete, key[0], key[1], outcome, micros_of(self._clock.seconds()), uuid,
                                   size=len(raw))
-        d.addCallbacks(self._completed, self._then_failed, callbackArgs=(key, endpoint, fn, args),
+        d.addCallbacks(self._completed, self._then_failed, callbackArgs=(key, endpoint, fn, args, self._work.stamp),
                        errbackArgs=(fn, args))
         self._pending.track(d)
 
@@ -124,9 +126,9 @@ class Polls:
         return d
 
     def _completed(self, value: tuple[tx.Finished, list], key: tuple[str, str], endpoint: str | None,
-                   fn: Then, args: tuple) -> None:
+                   fn: Then, args: tuple, since: int) -> None:
         finished = value[0]
-        self._work.settled(key, finished.remaining)
+        self._work.settled(key, finished.remaining, since)
         cmd = finished.command
         if cmd is None:
             results["orphan"].inc()

@@ -42,6 +42,10 @@ class Work:
 
     def __init__(self) -> None:
         self.devices: set[Key] = set()
+        # Each add is stamped: a transaction that began before the last add of its device
+        # (another node queued meanwhile, the bus told us) must not remove it.
+        self.stamp = 0
+        self._added: dict[Key, int] = {}
 
     def __contains__(self, key: Key) -> bool:
         return key in self.devices
@@ -50,17 +54,24 @@ class Work:
         return len(self.devices)
 
     def add(self, key: Key) -> None:
+        self.stamp += 1
         self.devices.add(key)
+        self._added[key] = self.stamp
 
-    def settled(self, key: Key, remaining: bool) -> None:
-        """A transaction saw (under the device's lock) whether ``key`` has unfinished work."""
+    def settled(self, key: Key, remaining: bool, since: int | None = None) -> None:
+        """A transaction saw (under the device's lock) whether ``key`` has unfinished work.
+
+        ``since``: :attr:`stamp` when the transaction began; work added after it
+        (queued on another node, after the transaction looked) is kept."""
         if remaining:
             self.devices.add(key)
-        else:
+        elif since is None or self._added.get(key, 0) <= since:
             self.devices.discard(key)
+            self._added.pop(key, None)
 
     def merge(self, keys: Iterable[Key]) -> None:
-        self.devices.update(keys)
+        for key in keys:
+            self.add(key)
 
 
 class Refresher:
