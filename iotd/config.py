@@ -172,6 +172,7 @@ class PushSection:
     enabled: bool = True
     command_timeout: float = 60.0
     max_attempts: int = 3
+    command_ttl: float = 0.0
     offline_after: float = 90.0
     auto_register: bool = True
     tenant: str = "default"
@@ -273,6 +274,7 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "enabled": _bool,
             "command_timeout": _float_min(0.001),
             "max_attempts": _int_min(1),
+            "command_ttl": _float_min(0.0),
             "offline_after": _float_min(0.001),
             "auto_register": _bool,
             "tenant": _nonempty,

@@ -27,6 +27,7 @@ ALLOWED = {
     (T.FAIL, Status.SENT): Status.FAILED,
     (T.GIVE_UP, Status.SENT): Status.FAILED,
     (T.CANCEL, Status.QUEUED): Status.CANCELLED,
+    (T.EXPIRE, Status.QUEUED): Status.EXPIRED,
 }
 
 

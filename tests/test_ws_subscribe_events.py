@@ -259,3 +259,27 @@ async def test_closing_a_connection_clears_its_subscriptions(daemon):
     assert len(factory._plain) == 2
     await client.close()
     await eventually(lambda: not factory._plain and not factory._tenants)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_command_and_an_error_result_detail_reach_the_subscription(daemon):
+    await daemon.put_device("gate-01", **DEVICE)
+    client = await connect(daemon)
+    try:
+        await subscribe(client, "deviceActionReport", **WHO)
+        base = {"dir": "down", "reqType": "resp", "actionID": "x", "params": None, "msgToken": "5",
+                "response": None}
+        events = await daemon.ctx.events.append([
+            ("default", "action", "GATE-01", dict(base, code=408, msg="expired")),
+            ("default", "action", "GATE-01", dict(base, code=500, msg="no such object", errorDetail={"code": 1})),
+        ])
+        stamps = [str(e.inserted_us // 1000) for e in events]
+        common = {"device": WHO, "msgToken": "5", "actionID": "x", "params": None, "dir": "down",
+                  "reqType": "resp"}
+        assert await client.frames(2) == [
+            pub("deviceActionReport", dict(common, timestamp=stamps[0], code=408, msg="expired")),
+            pub("deviceActionReport", dict(common, timestamp=stamps[1], code=500, msg="no such object",
+                                           errorDetail={"code": 1})),
+        ]
+    finally:
+        await client.close()

@@ -19,7 +19,7 @@ from iotd.logs import Logger
 from iotd.push import transactions as tx
 from iotd.push.command import Command
 from iotd.push.pending import Pending
-from iotd.push.results import parse_result
+from iotd.push.results import outcome as result_outcome
 from iotd.push.tally import Tally, idle, polls, results
 from iotd.push.waiters import Waiters
 from iotd.push.work import Work
@@ -52,23 +52,23 @@ class Polls:
 
     # -- GET /push ------------------------------------------------------------
 
-    def hand_out_then(self, device: Any, fn: Then, *args: Any) -> bool:
+    def hand_out_then(self, device: Any, fn: Then, *args: Any, uuid: str | None = None) -> bool:
         """False when the device has no work (answered from memory: empty); True: ``fn`` runs later."""
         key = (device.tenant, device.identifier)
         if key not in self._work.devices:
             idle.inc()
             return False
         d = self._events.transact(tx.hand_out, key[0], key[1], self._clock.seconds(), self.timeout,
-                                  self.max_attempts)
+                                  self.max_attempts, uuid)
         d.addCallbacks(self._handed_out, self._then_failed, callbackArgs=(key, fn, args, self._work.stamp),
                        errbackArgs=(fn, args))
         self._pending.track(d)
         return True
 
-    def hand_out(self, device: Any) -> defer.Deferred:
+    def hand_out(self, device: Any, uuid: str | None = None) -> defer.Deferred:
         """A Deferred firing with the command handed out, or None (empty)."""
         d: defer.Deferred = defer.Deferred()
-        if not self.hand_out_then(device, _fire, d):
+        if not self.hand_out_then(device, _fire, d, uuid=uuid):
             d.callback(None)
         return d
 
@@ -104,23 +104,25 @@ class Polls:
 
     # -- POST /result -----------------------------------------------------------
 
-    def complete_then(self, device: Any, raw: bytes, endpoint: str | None, fn: Then, *args: Any) -> None:
+    def complete_then(self, device: Any, raw: bytes, endpoint: str | None, fn: Then, *args: Any,
+                      uuid: str | None = None) -> None:
         """``fn(failure_or_None, finished_command_or_None, *args)`` after the commit.
 
         None: an orphan (no command of the device was waiting for a result; nothing stored).
         """
-        outcome = parse_result(raw)
+        outcome = result_outcome(raw)
         key = (device.tenant, device.identifier)
-        d = self._events.transact(tx.complete, key[0], key[1], outcome, micros_of(self._clock.seconds()),
+        d = self._events.transact(tx.complete, key[0], key[1], outcome, micros_of(self._clock.seconds()), uuid,
                                   size=len(raw))
         d.addCallbacks(self._completed, self._then_failed, callbackArgs=(key, endpoint, fn, args, self._work.stamp),
                        errbackArgs=(fn, args))
         self._pending.track(d)
 
-    def complete(self, device: Any, raw: bytes, endpoint: str | None = None) -> defer.Deferred:
+    def complete(self, device: Any, raw: bytes, endpoint: str | None = None,
+                 uuid: str | None = None) -> defer.Deferred:
         """A Deferred firing with the finished command, or None (orphan)."""
         d: defer.Deferred = defer.Deferred()
-        self.complete_then(device, raw, endpoint, _fire, d)
+        self.complete_then(device, raw, endpoint, _fire, d, uuid=uuid)
         return d
 
     def _completed(self, value: tuple[tx.Finished, list], key: tuple[str, str], endpoint: str | None,
@@ -164,7 +166,20 @@ class Polls:
             self._work.settled(finished.command.key, finished.remaining)
 
     def gave_up(self, cmd: Command) -> None:
-        self.log.info("command {id} to {device} failed: no result after {n} attempts",
-                      id=cmd.id, device=cmd.device, n=cmd.attempts)
-        self._tally.moved("sent", "failed")
+        """``cmd`` ended without a result: failed after its last attempt, or expired before a send."""
+        if cmd.status == "expired":
+            self.log.info("command {id} to {device} expired before it was sent", id=cmd.id, device=cmd.device)
+            self._tally.moved("queued", "expired")
+        else:
+            self.log.info("command {id} to {device} failed: no result after {n} attempts",
+                          id=cmd.id, device=cmd.device, n=cmd.attempts)
+            self._tally.moved("sent", "failed")
         self._waiters.finished(cmd)
+
+    # -- the sweep: a queued command's deadline passed ----------------------------------
+
+    def expire(self, command_id: int) -> defer.Deferred:
+        """Expire ``command_id`` if it is still queued (one checked transaction)."""
+        d = self._events.transact(tx.expire, command_id, micros_of(self._clock.seconds()))
+        d.addCallback(self._given_up)
+        return self._pending.track(d)

@@ -14,11 +14,15 @@ break the store, ``GET /api/v1/commands/{id}`` or the ``action`` event:
   in the response or the error string) is kept with every lone surrogate
   replaced by U+FFFD, as ``bytes.decode(errors="replace")`` would;
 - a body that is not JSON at all (not UTF-8 either) fails the command with
-  ``malformed result: not JSON (...)`` and keeps nothing else.
+  ``malformed result: not JSON (...)``;
+- every body is also kept verbatim (``resultRaw``): as text when it is
+  UTF-8, else base64 (``resultEncoding: "base64"``); the extra fields of an
+  error result are kept as ``errorDetail``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import Any
@@ -42,6 +46,24 @@ def _safe(value: Any) -> bool:
     return True
 
 
+def outcome(raw: bytes) -> dict[str, Any]:
+    """What the finish stores for a ``/result`` body: its meaning and the body itself."""
+    out = parse_result(raw)
+    out.update(kept(raw))
+    return out
+
+
+def kept(raw: bytes) -> dict[str, Any]:
+    """The body as it came, storable: UTF-8 text as is, anything else as base64."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"result_raw": base64.b64encode(raw).decode("ascii"), "result_encoding": "base64"}
+    if _SURROGATE.search(text):  # (UTF-8 never decodes to one; kept for safety)
+        return {"result_raw": base64.b64encode(raw).decode("ascii"), "result_encoding": "base64"}
+    return {"result_raw": text, "result_encoding": None}
+
+
 def parse_result(raw: bytes) -> dict[str, Any]:
     """What a ``/result`` body means, as keyword arguments for the finish.
 
@@ -59,7 +81,11 @@ def parse_result(raw: bytes) -> dict[str, Any]:
         return {"status": "failed", "error": "malformed result: not a JSON object"}
     if body.get("error") is not None:
         error = body["error"]
-        return {"status": "failed", "error": _text(error if isinstance(error, str) else dumps(error))}
+        extra = {k: v for k, v in body.items() if k != "error"}
+        out = {"status": "failed", "error": _text(error if isinstance(error, str) else dumps(error))}
+        if extra and _safe(extra):
+            out["error_detail"] = extra
+        return out
     if "response" not in body:
         return {"status": "failed", "error": "malformed result: neither response nor error"}
     value = body["response"]

@@ -57,6 +57,7 @@ class CommandService(service.Service):
         self._clock = clock
         self.command_timeout = float(config.command_timeout)
         self.max_attempts = int(config.max_attempts)
+        self.command_ttl = float(getattr(config, "command_ttl", 0.0))  # seconds; 0 = never
         self._pending = Pending()
         self.tally = Tally()
         self.work = Work()
@@ -71,7 +72,7 @@ class CommandService(service.Service):
         self.polls = Polls(events, clock, self.work, self.tally, self.waiters, self._pending,
                            self.command_timeout, self.max_attempts)
         self.sweeps = Sweeps(store, clock, self._pending, self.presence, self.command_timeout,
-                             self.max_attempts, self.polls.give_up)
+                             self.max_attempts, self.polls.give_up, self.polls.expire)
         self.polls.last_attempt_sent = self.sweeps.last_attempt_sent
         self._refreshes = 0
         self.refresher = Refresher(store, clock, self.work, self._pending, self._refreshed, refresh_every)
@@ -213,22 +214,59 @@ class CommandService(service.Service):
 
     # -- operator side --------------------------------------------------------
 
+    def _deadline(self, spec: dict[str, Any], now: float) -> dict[str, Any]:
+        """``spec`` with ``expires_us``: its ``expiresAt``, its ``ttl``, ``[push] command_ttl``, or None."""
+        spec = dict(spec)
+        ttl = spec.pop("ttl", None)
+        expires_us = spec.pop("expiresAt", None)
+        if expires_us is None:
+            ttl = ttl if ttl is not None else self.command_ttl or None
+            expires_us = micros_of(now + ttl) if ttl is not None else None
+        spec["expires_us"] = expires_us
+        return spec
+
     async def create(self, tenant: str, device: str, spec: dict[str, Any]) -> Command:
         """Queue a command for ``device`` (an identifier); ``spec`` is already checked."""
         await self.when_ready()
-        d = self._events.transact(tx.create, tenant, device, spec, micros_of(self._clock.seconds()))
-        d.addCallback(self._created)
+        now = self._clock.seconds()
+        d = self._events.transact(tx.create, tenant, device, self._deadline(spec, now), micros_of(now))
+        d.addCallback(lambda value: self._created([value[0]])[0])
         cmd = await self._track(d)
         if self._registry.get(tenant, device) is None:  # deleted while we were writing
             self._cancel_device(tenant, device)
         return cmd
 
-    def _created(self, value: tuple[Command, list]) -> Command:
-        cmd = value[0]
-        self.tally.moved(None, "queued")
-        self.work.add(cmd.key)
-        self.cluster.publish(TOPIC, {"w": list(cmd.key)})
-        return cmd
+    async def create_batch(self, tenant: str, devices: list[str], spec: dict[str, Any]) -> list[Command]:
+        """Queue one command per device (identifiers, checked) in one transaction (bulk)."""
+        await self.when_ready()
+        now = self._clock.seconds()
+        d = self._events.transact(tx.create_batch, tenant, devices, self._deadline(spec, now), micros_of(now))
+        d.addCallback(lambda value: self._created(value[0]))
+        cmds = await self._track(d)
+        for device in devices:
+            if self._registry.get(tenant, device) is None:  # deleted while we were writing
+                self._cancel_device(tenant, device)
+        return cmds
+
+    async def batch(self, batch: int, after: int = 0, limit: int = 100) -> dict[str, Any] | None:
+        """A bulk request: ``{"tenant", "created_us", "total", "counts", "commands": [(id, device, status)]}``."""
+        head = await self._store.read(cmdsql.get_batch, batch) if 0 < batch <= MAX_ID else None
+        if head is None:
+            return None
+        counts = await self._store.read(cmdsql.batch_counts, batch)
+        rows = await self._store.read(cmdsql.list_for_batch, batch, after, limit)
+        return {"tenant": head[1], "created_us": head[2], "total": head[3], "counts": counts, "commands": rows}
+
+    def _created(self, cmds: list[Command]) -> list[Command]:
+        """Committed: the work set, the other nodes, the expiry timer."""
+        for cmd in cmds:
+            self.tally.moved(None, "queued")
+            self.work.add(cmd.key)
+            self.cluster.publish(TOPIC, {"w": list(cmd.key)})
+        expiries = [c.expires_us for c in cmds if c.expires_us is not None]
+        if expiries:
+            self.sweeps.expires_at(min(expiries) / 1_000_000)
+        return cmds
 
     def get(self, command_id: int) -> defer.Deferred:
         """The command as stored now, or None."""

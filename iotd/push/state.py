@@ -7,6 +7,7 @@ Life of a command::
                                |--command_timeout passed, attempts left (RESEND)--> sent
                                |--last attempt's command_timeout passed (GIVE_UP)--> failed
     queued --operator DELETE / device deleted (CANCEL)--> cancelled
+    queued --its ttl / expiresAt passed before a send (EXPIRE)--> expired
 
 This table is the one place that says so.  The store functions of
 :mod:`iotd.push.transactions` change a row only with ``WHERE status IN
@@ -30,6 +31,7 @@ class Status(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
     @property
     def finished(self) -> bool:
@@ -37,7 +39,7 @@ class Status(str, enum.Enum):
 
 
 UNFINISHED = frozenset({Status.QUEUED, Status.SENT})
-FINISHED = frozenset({Status.DONE, Status.FAILED, Status.CANCELLED})
+FINISHED = frozenset({Status.DONE, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
 STATES = tuple(s.value for s in Status)  # in lifecycle order, for metrics and the REST filter
 
 
@@ -48,6 +50,7 @@ class Transition(enum.Enum):
     FAIL = "fail"          # /result with an error, or a body that is not a result
     GIVE_UP = "give_up"    # no result after the last attempt's command_timeout
     CANCEL = "cancel"      # operator DELETE, or the device was deleted
+    EXPIRE = "expire"      # a queued command's deadline passed (a sent one is never expired)
 
 
 # transition -> (the statuses it may start from, the status it ends in)
@@ -58,6 +61,7 @@ TABLE: dict[Transition, tuple[frozenset[Status], Status]] = {
     Transition.FAIL: (frozenset({Status.SENT}), Status.FAILED),
     Transition.GIVE_UP: (frozenset({Status.SENT}), Status.FAILED),
     Transition.CANCEL: (frozenset({Status.QUEUED}), Status.CANCELLED),
+    Transition.EXPIRE: (frozenset({Status.QUEUED}), Status.EXPIRED),
 }
 
 

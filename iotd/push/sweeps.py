@@ -10,6 +10,13 @@
   store knows of, or the deadline of a last attempt this node sends in the
   meantime, and at most :data:`BACKSTOP` seconds (last attempts another
   process sent on the same database).
+- **Expiry.**  A queued command whose deadline (``ttl``, ``expiresAt`` or
+  ``[push] command_ttl``) has passed becomes ``expired``, each in its own
+  checked transaction (:func:`iotd.push.transactions.expire`: a send that
+  came first wins).  The same timer wakes for the next deadline the store
+  knows of, or one of a command this node queues meanwhile.  (A poll never
+  gets an expired command even before the sweep came by: the hand-out
+  expires it itself.)
 - **Offline.**  :meth:`iotd.push.presence.Presence.check` when the device
   seen longest ago reaches ``offline_after``.
 
@@ -69,7 +76,8 @@ class Sweeps(service.Service):
     log = Logger()
 
     def __init__(self, store: Any, clock: Any, pending: Pending, presence: Presence, timeout: float,
-                 max_attempts: int, give_up: Callable[[int, int, int], defer.Deferred]):
+                 max_attempts: int, give_up: Callable[[int, int, int], defer.Deferred],
+                 expire: Callable[[int], defer.Deferred] = lambda cid: defer.succeed(None)):
         self._store = store
         self._clock = clock
         self._pending = pending
@@ -77,6 +85,7 @@ class Sweeps(service.Service):
         self.timeout = timeout
         self.max_attempts = max_attempts
         self._give_up = give_up  # (command id, attempts, sent_us) -> Deferred (the checked transaction)
+        self._expire = expire  # (command id) -> Deferred (the checked transaction)
         self._expiry = Deadline(clock, self._sweep)
         self._offline = Deadline(clock, self._offline_check)
         self._sweeping = False
@@ -98,7 +107,13 @@ class Sweeps(service.Service):
 
     def last_attempt_sent(self, sent_at: float) -> None:
         """This node sent a command for the last time: sweep it at its deadline."""
-        deadline = sent_at + self.timeout
+        self.wake_at(sent_at + self.timeout)
+
+    def expires_at(self, when: float) -> None:
+        """This node queued a command that expires at ``when``: sweep it then."""
+        self.wake_at(when)
+
+    def wake_at(self, deadline: float) -> None:
         if self._sweeping:
             self._hint = deadline if self._hint is None else min(self._hint, deadline)
         elif self.running:
@@ -126,8 +141,15 @@ class Sweeps(service.Service):
                 wake = now
             elif later is not None:
                 wake = min(wake, later / 1_000_000 + self.timeout)
+            expired, next_expiry = await self._store.read(cmdsql.due_expiries, micros_of(now + EPSILON), BATCH)
+            if expired:
+                await defer.DeferredList([self._expire(cid) for cid in expired], consumeErrors=True)
+            if len(expired) == BATCH:
+                wake = now
+            elif next_expiry is not None:
+                wake = min(wake, next_expiry / 1_000_000)
         except Exception:
-            self.log.failure("push: the sweep of last attempts failed")
+            self.log.failure("push: the sweep of last attempts and expiries failed")
         finally:
             self._sweeping = False
         if self._hint is not None:

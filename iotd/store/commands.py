@@ -23,7 +23,8 @@ from typing import Any, Iterable
 UNFINISHED = ("queued", "sent")
 
 COLUMNS = ("id, tenant, device, status, verb, endpoint, body, content_type, query_string, attempts, "
-           "created_us, sent_us, finished_us, response_raw, response, error")
+           "created_us, sent_us, finished_us, response_raw, response, error, expires_us, batch, result_raw, "
+           "result_encoding, error_detail, sent_uuid, result_uuid")
 
 # A row as returned by the reads below, in COLUMNS order.
 Row = tuple[Any, ...]
@@ -54,14 +55,42 @@ def lock_device(conn: Any, tenant: str, device: str) -> bool:
 
 
 def insert(conn: Any, tenant: str, device: str, verb: str | None, endpoint: str, body: Any,
-           has_body: bool, content_type: str | None, query_string: str | None, created_us: int) -> int:
+           has_body: bool, content_type: str | None, query_string: str | None, created_us: int,
+           expires_us: int | None = None, batch: int | None = None) -> int:
     """Queue a command; returns its id."""
     return conn.execute(
         "INSERT INTO commands (tenant, device, status, verb, endpoint, body, content_type, query_string, "
-        "attempts, created_us) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, 0, ?) RETURNING id",
+        "attempts, created_us, expires_us, batch) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, 0, ?, ?, ?) RETURNING id",
         (tenant, device, verb, endpoint, _json(body) if has_body else None, content_type, query_string,
-         created_us),
+         created_us, expires_us, batch),
     ).fetchone()[0]
+
+
+def insert_batch(conn: Any, batch: int, tenant: str, created_us: int, total: int) -> None:
+    """Record a bulk request; its id is the id of its first command."""
+    conn.execute("INSERT INTO command_batches (id, tenant, created_us, total) VALUES (?, ?, ?, ?)",
+                 (batch, tenant, created_us, total))
+
+
+def set_batch(conn: Any, command_id: int, batch: int) -> None:
+    conn.execute("UPDATE commands SET batch = ? WHERE id = ?", (batch, command_id))
+
+
+def get_batch(conn: Any, batch: int) -> tuple[int, str, int, int] | None:
+    """``(id, tenant, created_us, total)`` of a bulk request."""
+    return conn.execute("SELECT id, tenant, created_us, total FROM command_batches WHERE id = ?",
+                        (batch,)).fetchone()
+
+
+def batch_counts(conn: Any, batch: int) -> dict[str, int]:
+    return dict(conn.execute("SELECT status, count(*) FROM commands WHERE batch = ? GROUP BY status",
+                             (batch,)).fetchall())
+
+
+def list_for_batch(conn: Any, batch: int, after: int, limit: int) -> list[tuple[int, str, str]]:
+    """``(id, device, status)`` of up to ``limit`` commands of a batch with ``id > after``."""
+    return conn.execute("SELECT id, device, status FROM commands WHERE batch = ? AND id > ? ORDER BY id LIMIT ?",
+                        (batch, after, limit)).fetchall()
 
 
 def oldest_unfinished(conn: Any, tenant: str, device: str) -> Row | None:
@@ -84,24 +113,28 @@ def has_unfinished(conn: Any, tenant: str, device: str) -> bool:
         (tenant, device)).fetchone() is not None
 
 
-def mark_sent(conn: Any, command_id: int, sources: Iterable[str], attempts: int, sent_us: int) -> bool:
+def mark_sent(conn: Any, command_id: int, sources: Iterable[str], attempts: int, sent_us: int,
+              uuid: str | None = None) -> bool:
     """One more send of a command that is in one of ``sources`` with ``attempts`` sends so far."""
     where, params = _in(sources)
     cur = conn.execute(
-        "UPDATE commands SET status = 'sent', attempts = attempts + 1, sent_us = ? "
+        "UPDATE commands SET status = 'sent', attempts = attempts + 1, sent_us = ?, sent_uuid = ? "
         f"WHERE id = ? AND status IN {where} AND attempts = ?",
-        (sent_us, command_id, *params, attempts))
+        (sent_us, uuid, command_id, *params, attempts))
     return cur.rowcount == 1
 
 
 def finish(conn: Any, command_id: int, sources: Iterable[str], status: str, finished_us: int,
            response_raw: str | None, response_json: str | None, error: str | None,
-           attempts: int | None = None, sent_us: int | None = None) -> bool:
+           attempts: int | None = None, sent_us: int | None = None, result_raw: str | None = None,
+           result_encoding: str | None = None, error_detail: str | None = None,
+           result_uuid: str | None = None) -> bool:
     """End a command that is in one of ``sources`` (and, when given, at that attempt and send)."""
     where, params = _in(sources)
-    sql = ("UPDATE commands SET status = ?, finished_us = ?, response_raw = ?, response = ?, error = ? "
-           f"WHERE id = ? AND status IN {where}")
-    args: list[Any] = [status, finished_us, response_raw, response_json, error, command_id, *params]
+    sql = ("UPDATE commands SET status = ?, finished_us = ?, response_raw = ?, response = ?, error = ?, "
+           f"result_raw = ?, result_encoding = ?, error_detail = ?, result_uuid = ? WHERE id = ? AND status IN {where}")
+    args: list[Any] = [status, finished_us, response_raw, response_json, error, result_raw, result_encoding,
+                       error_detail, result_uuid, command_id, *params]
     if attempts is not None:
         sql += " AND attempts = ?"
         args.append(attempts)
@@ -162,6 +195,17 @@ def due_last_attempts(conn: Any, max_attempts: int, sent_before_us: int,
         "SELECT min(sent_us) FROM commands WHERE status = 'sent' AND attempts >= ? AND sent_us > ?",
         (max_attempts, sent_before_us)).fetchone()[0]
     return [tuple(r) for r in due], later
+
+
+def due_expiries(conn: Any, now_us: int, limit: int) -> tuple[list[int], int | None]:
+    """Queued commands whose deadline is at or before ``now_us``: ``([id...], the next deadline or None)``."""
+    due = conn.execute(
+        "SELECT id FROM commands WHERE status = 'queued' AND expires_us IS NOT NULL AND expires_us <= ? "
+        "ORDER BY expires_us LIMIT ?", (now_us, limit)).fetchall()
+    later = conn.execute(
+        "SELECT min(expires_us) FROM commands WHERE status = 'queued' AND expires_us IS NOT NULL "
+        "AND expires_us > ?", (now_us,)).fetchone()[0]
+    return [r[0] for r in due], later
 
 
 def count_by_status(conn: Any) -> dict[str, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from iotd import __version__
+from iotd.push.state import STATES as COMMAND_STATES
 
 ERROR_CODES = {400: "Malformed JSON or query", 401: "Missing, unknown or expired key",
                403: "The key lacks the permission", 404: "No such resource", 409: "Conflict",
@@ -145,12 +146,31 @@ SCHEMAS: dict[str, Any] = {
         "next": {"type": "string"}, "pruned": {"const": True}}},
     "CommandBody": {"type": "object", "required": ["endpoint"], "properties": {
         "verb": {"enum": ["GET", "POST"]}, "endpoint": {"type": "string"}, "body": {},
-        "contentType": {"type": "string"}, "queryString": {"type": "string"}}},
+        "contentType": {"type": "string"}, "queryString": {"type": "string"},
+        "ttl": {"type": "number", "minimum": 1, "maximum": 2592000}, "expiresAt": _TIME}},
+    "BulkCommandBody": {"type": "object", "required": ["command"], "properties": {
+        "devices": {"type": "array", "items": {"type": "string"}, "maxItems": 10000}, "tag": {"type": "string"},
+        "command": ref("CommandBody")}},
+    "Batch": {"type": "object", "required": ["batch", "commands"], "properties": {
+        "batch": {"type": "integer"}, "commands": {"type": "array", "items": {
+            "type": "object", "required": ["device", "id"], "properties": {
+                "device": {"type": "string"}, "id": {"type": "integer"}}}}}},
+    "BatchView": {"type": "object", "required": ["batch", "createdAt", "total", "byStatus", "commands"],
+                  "properties": {
+        "batch": {"type": "integer"}, "createdAt": _TIME, "total": {"type": "integer"},
+        "byStatus": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "commands": {"type": "array", "items": {"type": "object", "required": ["device", "id", "status"],
+                                                "properties": {"device": {"type": "string"}, "id": {"type": "integer"},
+                                                               "status": {"enum": list(COMMAND_STATES)}}}},
+        "next": {"type": "integer"}}},
     "Command": {"type": "object", "required": ["id", "device", "status", "attempts", "createdAt"], "properties": {
         "id": {"type": "integer"}, "device": {"type": "string"},
-        "status": {"enum": ["queued", "sent", "done", "failed", "cancelled"]}, "attempts": {"type": "integer"},
+        "status": {"enum": list(COMMAND_STATES)}, "attempts": {"type": "integer"},
         "createdAt": _TIME, "sentAt": _NTIME, "finishedAt": _NTIME, "response": {}, "responseRaw": {},
-        "error": {}}},
+        "error": {}, "expiresAt": _NTIME, "batch": {"type": "integer"},
+        "resultRaw": {"type": "string", "description": "The /result body as it came (base64 when resultEncoding)"},
+        "resultEncoding": {"enum": ["base64"]}, "errorDetail": {"type": "object"},
+        "sentUuid": {"type": "string"}, "resultUuid": {"type": "string"}}},
     "CommandPage": {"type": "object", "required": ["items"], "properties": {
         "items": {"type": "array", "items": ref("Command")}, "next": {"type": "integer"}}},
     "LinkBody": {"type": "object", "properties": {
@@ -259,8 +279,15 @@ def _paths() -> dict[str, Any]:
                                     "Seconds to wait for the result")], body="CommandBody"),
             "get": _op("A device's commands", {"200": _json(ref("CommandPage"), "A page"), **_errors(*READ)},
                        ident + [LIMIT, _p("after", "query", {"type": "integer", "minimum": 0}, "Last id seen"),
-                                _p("status", "query", {"enum": ["queued", "sent", "done", "failed",
-                                                                "cancelled"]}, "Only this status")])},
+                                _p("status", "query", {"enum": list(COMMAND_STATES)}, "Only this status")])},
+        "/api/v1/commands": {
+            "post": _op("Queue one command per device of a list or a tag, in one transaction",
+                        {"201": _json(ref("Batch"), "Queued"), **_errors(*WRITE)}, body="BulkCommandBody")},
+        "/api/v1/command-batches/{batch_id}": {
+            "get": _op("A bulk request's commands, counted by status",
+                       {"200": _json(ref("BatchView"), "A page"), **_errors(*READ)},
+                       [_p("batch_id", "path", {"type": "integer", "minimum": 0}, "Batch id"), LIMIT,
+                        _p("after", "query", {"type": "integer", "minimum": 0}, "Last command id seen")])},
         "/api/v1/commands/{command_id}": {
             "get": _op("A command", {"200": _json(ref("Command"), "The command"), **_errors(*READ)}, command),
             "delete": _op("Cancel a command", {"204": {"description": "Cancelled"}, **_errors(*READ, 409)},

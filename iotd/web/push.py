@@ -3,7 +3,9 @@
 - ``POST /api/v1/devices/{identifier}/commands`` queues (``?wait=S`` holds the
   answer until the command finishes: ``200``, or ``202`` when time is up);
 - ``GET /api/v1/commands/{id}``, ``GET /api/v1/devices/{identifier}/commands``;
-- ``DELETE /api/v1/commands/{id}`` cancels a queued command (``409`` once sent).
+- ``DELETE /api/v1/commands/{id}`` cancels a queued command (``409`` once sent);
+- ``POST /api/v1/commands`` (bulk) and ``GET /api/v1/command-batches/{id}``:
+  :mod:`iotd.web.push_bulk`.
 
 Every handler calls the command service (:class:`iotd.push.CommandService`);
 none touches SQL.  The device side is :mod:`iotd.web.push_device`.
@@ -23,8 +25,10 @@ from twisted.internet import defer
 from iotd import errors
 from iotd.context import Context
 from iotd.push import Command, CommandService, STATES
+from iotd.timefmt import parse_iso
 from iotd.request import arg, query_int, read_json, require, respond, visible_device
 from iotd.web.app import make_app
+from iotd.web.push_bulk import bulk_routes
 from iotd.web.push_device import device_routes
 from iotd.web.site import make_site
 
@@ -32,7 +36,8 @@ MAX_WAIT = 60.0
 MAX_ID = 2**63 - 1
 _ENDPOINT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_FIELDS = {"verb", "endpoint", "body", "contentType", "queryString"}
+_FIELDS = {"verb", "endpoint", "body", "contentType", "queryString", "ttl", "expiresAt"}
+MAX_TTL = 2_592_000  # seconds (30 days)
 
 
 # -- validation -----------------------------------------------------------------
@@ -78,6 +83,18 @@ def validate_command(body: Any) -> dict[str, Any]:
                 base64.b64decode(payload, validate=True)
             except (binascii.Error, ValueError):
                 raise errors.Invalid("body must be a base64 string for application/octet-stream") from None
+    ttl, expires = body.get("ttl"), body.get("expiresAt")
+    if ttl is not None and expires is not None:
+        raise errors.Invalid("give ttl or expiresAt, not both")
+    if ttl is not None:
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= MAX_TTL:
+            raise errors.Invalid(f"ttl must be seconds (1-{MAX_TTL})")
+        out["ttl"] = float(ttl)
+    if expires is not None:
+        try:
+            out["expiresAt"] = parse_iso(expires)  # micros
+        except (TypeError, ValueError, OverflowError):
+            raise errors.Invalid("expiresAt must be an ISO 8601 date-time such as 2030-01-01T00:00:00Z") from None
     return out
 
 
@@ -100,7 +117,11 @@ def _wait_seconds(request: Any) -> float | None:
 def operator_routes(svc: CommandService):
     """The ``routes(app, ctx)`` of the commands REST (``commands:*``)."""
 
+    bulk = bulk_routes(svc, validate_command)
+
     def routes(app: Klein, ctx: Context) -> None:
+        bulk(app, ctx)
+
         def visible(key: Any, cmd: Command | None) -> bool:
             if cmd is None or cmd.tenant != key.tenant:
                 return False

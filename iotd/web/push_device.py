@@ -4,7 +4,8 @@ No key (the protocol has none -- see ``[push] listen`` and ``allowed_sources``):
 
 - ``GET /push?deviceId=N`` -> ``200`` empty (nothing to do) or ``200`` JSON
   ``{"verb", "endpoint", "body", "contentType", "queryString"}`` (only the
-  fields the operator gave).  Other query parameters (``uuid``...) are ignored.
+  fields the operator gave).  ``uuid`` is stored with the send and
+  the result; other query parameters are ignored.  ``//push`` and ``//result`` are served alike.
 - ``POST /result?deviceId=N`` ``{"response": ...}`` or ``{"error": ...}`` ->
   ``200`` empty, always (orphans and malformed bodies included).
 - ``400`` JSON for a missing or non-integer ``deviceId``; ``403`` empty for a
@@ -160,7 +161,7 @@ class DeviceSide:
                 return self.empty(request)
             return defer.Deferred.fromCoroutine(self._register(request, device_id, host))
         self.svc.seen(device, host)
-        if not self.svc.hand_out_then(device, _handed_out, request):
+        if not self.svc.hand_out_then(device, _handed_out, request, uuid=_uuid(request)):
             return self.empty(request)  # idle: the hot path
         request.quiet = True  # a send: an action event in the event log
         return NOT_DONE_YET  # answered by _handed_out once the transaction committed
@@ -172,7 +173,7 @@ class DeviceSide:
             return self.empty(request)
         _polls_registered.inc()
         self.svc.seen(device, host)
-        cmd = await self.svc.hand_out(device)
+        cmd = await self.svc.hand_out(device, _uuid(request))
         if cmd is None:
             return self.empty(request)
         request.quiet = True
@@ -202,8 +203,18 @@ class DeviceSide:
         self.svc.seen(device, host)
         request.quiet = True
         request.defaultContentType = None
-        self.svc.complete_then(device, raw, endpoint, _completed, request)
+        self.svc.complete_then(device, raw, endpoint, _completed, request, uuid=_uuid(request))
         return NOT_DONE_YET  # answered by _completed once the transaction committed (orphans too)
+
+
+_PUSH = (b"/push", b"//push")  # (a push_remote_address ending in "/" makes the firmware ask for //push)
+_RESULT = (b"/result", b"//result")
+
+
+def _uuid(request: Any) -> str | None:
+    """The firmware's ``uuid`` query value (text, at most 200 characters), or None."""
+    values = request.args.get(b"uuid")
+    return values[0][:200].decode("utf-8", "replace") if values else None
 
 
 class DeviceResource(Resource):
@@ -223,9 +234,9 @@ class DeviceResource(Resource):
 
     def render(self, request: Any) -> Any:
         path, method = request.path, request.method
-        if path == b"/push" and method == b"GET":
+        if path in _PUSH and method == b"GET":
             handler = self._side.poll
-        elif path == b"/result" and method == b"POST":
+        elif path in _RESULT and method == b"POST":
             handler = self._side.result
         else:
             err = errors.MethodNotAllowed(f"method {method.decode('latin-1')[:20]} not allowed here")
@@ -302,7 +313,9 @@ def device_routes(svc: CommandService):
             return device
 
         # The hot path: the site root answers these two before Klein's routing.
-        add_fast_path(app, b"GET", b"/push", device)
-        add_fast_path(app, b"POST", b"/result", device)
+        for path in _PUSH:
+            add_fast_path(app, b"GET", path, device)
+        for path in _RESULT:
+            add_fast_path(app, b"POST", path, device)
 
     return routes

@@ -125,6 +125,8 @@ def message(event: Event, device: Any, code: str, identifier: str | None) -> byt
                 "timestamp": str(event.inserted_us // 1000), "actionID": data.get("actionID", ""),
                 "params": data.get("params"), "code": data.get("code", 200), "msg": data.get("msg", ""),
                 "dir": data.get("dir", "down"), "reqType": data.get("reqType", "req")}
+        if "errorDetail" in data:  # (an error result's extra fields; an expired command is code 408)
+            body["errorDetail"] = data["errorDetail"]
     elif code == "deviceConn":
         body = {"device": who, "timestamp": str(event.inserted_us // 1000), "status": data.get("status")}
     else:  # deviceOtaReport
