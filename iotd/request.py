@@ -26,6 +26,18 @@ _ITEM = re.compile(r"^\[(\d+)\]\.?")
 log = Logger()
 
 
+def check_headers(request: Any) -> None:
+    """400 ``invalid_header`` when a header's value is not UTF-8 (before a websocket upgrade:
+    Autobahn parses the headers again)."""
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        for value in values:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = name.decode("ascii", "replace")
+                raise errors.BadRequest(f"header {shown} is not UTF-8", code="invalid_header") from None
+
+
 def arg(request: Any, name: str) -> str | None:
     values = request.args.get(name.encode())
     if not values:

@@ -18,20 +18,9 @@ from typing import Any
 from klein import Klein
 
 from iotd import errors
-from iotd.request import header
+from iotd.request import check_headers, header
 
 PATH = "/api/v1/devicelink/<token>/socket"
-
-
-def check_headers(request: Any) -> None:
-    """400 ``invalid_header`` when a header's value is not UTF-8 (Autobahn parses them again)."""
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        for value in values:
-            try:
-                value.decode("utf-8")
-            except UnicodeDecodeError:
-                shown = name.decode("ascii", "replace")
-                raise errors.BadRequest(f"header {shown} is not UTF-8", code="invalid_header") from None
 
 
 def routes(app: Klein, manager: Any, sockets: Any) -> None:

@@ -16,18 +16,7 @@ from typing import Any
 from iotd import errors, metrics
 from iotd.apikeys import ApiKey
 from iotd.context import Context
-from iotd.request import key_of
-
-
-def check_headers(request: Any) -> None:
-    """400 ``invalid_header`` when a header's value is not UTF-8."""
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        for value in values:
-            try:
-                value.decode("utf-8")
-            except UnicodeDecodeError:
-                shown = name.decode("ascii", "replace")
-                raise errors.BadRequest(f"header {shown} is not UTF-8", code="invalid_header") from None
+from iotd.request import check_headers, key_of
 
 
 def upgrade_key(ctx: Context, request: Any) -> ApiKey | None:
