@@ -184,3 +184,17 @@ def test_the_allow_list_holds_only_modules_still_too_long():
     counts = line_counts()
     done = sorted(p for p in OVER_LIMIT_ALLOWED if counts.get(p, 0) <= MAX_LINES)
     assert done == []
+
+
+def test_every_package_of_iotd_is_installed_by_setup_cfg():
+    """``make run`` uses the installed package: a package missing from setup.cfg breaks it (tests would not see)."""
+    import configparser
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(root, "setup.cfg"))
+    listed = set(cfg["options"]["packages"].split())
+    found = {os.path.relpath(d, root).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(root, "iotd"))
+             if "__init__.py" in files}
+    assert found == listed - {"twisted.plugins"}
