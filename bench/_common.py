@@ -1,4 +1,6 @@
-"""Helpers shared by the benchmarks: medians, a results table, and a JSON results file.
+"""Helpers shared by the benchmarks: medians, a results table, a JSON results file, and the
+small client-side pieces every bench needs (free ports, the open-files limit, a JSON HTTP call,
+percentiles, an HTTP/1.1 response parser for the asyncio load generators).
 
 A result row is a dict ``{"name", "unit", "iotd", "peer_name", "peer", "ratio", ...}``;
 extra keys (``loss``, ``p50``...) are kept as they are.  The results file is a
@@ -9,12 +11,91 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import socket
 import statistics
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 BASE_KEYS = ("name", "unit", "iotd", "peer_name", "peer", "ratio")
+HOST = "127.0.0.1"
+
+
+def raise_nofile() -> None:
+    """Raise the soft open-files limit to the hard one (thousands of client sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))]
+
+
+def http(method: str, url: str, body: Any = None, key: str | None = None) -> tuple[int, Any]:
+    """``(status, parsed JSON body, or the raw body when it is not JSON)``."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw
+
+
+def parse_http(buf: bytes) -> tuple[int, bytes, bytes] | None:
+    """One HTTP/1.1 response from the front of ``buf``: ``(status, body, rest)``, or None if incomplete."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = buf[:end]
+    status = int(head[9:12])
+    lower = head.lower()
+    start = end + 4
+    pos = lower.find(b"content-length:")
+    if pos >= 0:
+        stop = lower.find(b"\r\n", pos)
+        length = int(lower[pos + 15:stop if stop >= 0 else None])
+        if len(buf) < start + length:
+            return None
+        return status, buf[start:start + length], buf[start + length:]
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        at = start
+        while True:
+            line_end = buf.find(b"\r\n", at)
+            if line_end < 0:
+                return None
+            size = int(buf[at:line_end].split(b";")[0], 16)
+            if len(buf) < line_end + 2 + size + 2:
+                return None
+            body += buf[line_end + 2:line_end + 2 + size]
+            at = line_end + 2 + size + 2
+            if size == 0:
+                return status, body, buf[at:]
+    return status, b"", buf[start:]
 
 
 def median(values: Iterable[float]) -> float:

@@ -43,24 +43,22 @@ import asyncio
 import json
 import os
 import resource
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import median, merge_results, pg_database, print_table, stop_process  # noqa: E402
+from _common import (HOST, median, merge_results, pg_database, print_table, stop_process,  # noqa: E402
+                     free_port, http, parse_http, percentile, raise_nofile)
 
 PY = sys.executable
 TWISTD = os.path.join(os.path.dirname(PY), "twistd")
-HOST = "127.0.0.1"
 DEVICES = 10_000
 FIRST_ID = 3_000_000
 GENS = 2
@@ -74,20 +72,6 @@ CORES = os.cpu_count()
 NOTE = (f"{CORES} cores: the load generator, PostgreSQL and Redis compete with the nodes for them "
         f"(in cores, 1.0 = one: gen_cpu = the generator processes, node_cpu = the twistd nodes together, "
         f"machine_cpu = the whole machine, PostgreSQL included, in the window; background_cpu = the machine with this bench idle just before each run: other work on the host)")
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def cpu() -> float:
@@ -129,31 +113,6 @@ def background(seconds: float = 0.5) -> float:
     m0 = machine()
     time.sleep(seconds)
     return busy_cores(m0)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, int(round(q * (len(ordered) - 1)))))]
-
-
-def http(method: str, url: str, body: Any = None, key: str | None = None) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method)
-    req.add_header("Content-Type", "application/json")
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw)
-        except ValueError:
-            return e.code, raw
 
 
 def redis_answers(url: str) -> bool:
@@ -285,38 +244,6 @@ class Cluster:
 # --------------------------------------------------------------------------------------
 
 
-def _parse(buf: bytes) -> tuple[int, bytes, bytes] | None:
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    head = buf[:end]
-    status = int(head[9:12])
-    lower = head.lower()
-    start = end + 4
-    pos = lower.find(b"content-length:")
-    if pos >= 0:
-        stop = lower.find(b"\r\n", pos)
-        length = int(lower[pos + 15:stop if stop >= 0 else None])
-        if len(buf) < start + length:
-            return None
-        return status, buf[start:start + length], buf[start + length:]
-    if b"transfer-encoding: chunked" in lower:
-        body = b""
-        at = start
-        while True:
-            line_end = buf.find(b"\r\n", at)
-            if line_end < 0:
-                return None
-            size = int(buf[at:line_end].split(b";")[0], 16)
-            if len(buf) < line_end + 2 + size + 2:
-                return None
-            body += buf[line_end + 2:line_end + 2 + size]
-            at = line_end + 2 + size + 2
-            if size == 0:
-                return status, body, buf[at:]
-    return status, b"", buf[start:]
-
-
 class _Poller(asyncio.Protocol):
     def __init__(self, gen: "Gen", device_id: int):
         self.gen = gen
@@ -342,7 +269,7 @@ class _Poller(asyncio.Protocol):
     def data_received(self, data):
         self.buf += data
         while True:
-            parsed = _parse(self.buf)
+            parsed = parse_http(self.buf)
             if parsed is None:
                 return
             status, _, self.buf = parsed

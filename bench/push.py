@@ -30,8 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,28 +39,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import median, merge_results, pg_database, print_table, stop_process  # noqa: E402
+from _common import (HOST, median, merge_results, pg_database, print_table, stop_process,  # noqa: E402
+                     free_port, parse_http, raise_nofile)
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
 TWISTD = str(Path(sys.executable).parent / "twistd")
-HOST = "127.0.0.1"
 DEVICES = 10_000
 FIRST_ID = 1_000_000
 COMMAND = {"verb": "POST", "endpoint": "load_objects", "body": {"object": "users"}}
 RESULT = json.dumps({"response": json.dumps({"users": [{"id": 1, "name": "Walter White"}]})}).encode()
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------
@@ -133,44 +119,12 @@ class _Http(asyncio.Protocol):
     def data_received(self, data):
         self.buf += data
         while True:
-            parsed = _parse(self.buf)
+            parsed = parse_http(self.buf)
             if parsed is None:
                 return
             status, body, rest = parsed
             self.buf = rest
             self.gen.on_response(self, status, body)
-
-
-def _parse(buf: bytes) -> tuple[int, bytes, bytes] | None:
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return None
-    head = buf[:end]
-    status = int(head[9:12])
-    lower = head.lower()
-    start = end + 4
-    pos = lower.find(b"content-length:")
-    if pos >= 0:
-        stop = lower.find(b"\r\n", pos)
-        length = int(lower[pos + 15:stop if stop >= 0 else None])
-        if len(buf) < start + length:
-            return None
-        return status, buf[start:start + length], buf[start + length:]
-    if b"transfer-encoding: chunked" in lower:
-        body = b""
-        at = start
-        while True:
-            line_end = buf.find(b"\r\n", at)
-            if line_end < 0:
-                return None
-            size = int(buf[at:line_end].split(b";")[0], 16)
-            if len(buf) < line_end + 2 + size + 2:
-                return None
-            body += buf[line_end + 2:line_end + 2 + size]
-            at = line_end + 2 + size + 2
-            if size == 0:
-                return status, body, buf[at:]
-    return status, b"", buf[start:]
 
 
 class Gen:
@@ -275,7 +229,7 @@ class Gen:
                 buf = b""
                 while True:
                     buf += await reader.read(65536)
-                    parsed = _parse(buf)
+                    parsed = parse_http(buf)
                     if parsed is not None:
                         break
                 if parsed[0] != 201:
