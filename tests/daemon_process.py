@@ -23,6 +23,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def request(base: str, method: str, path: str, body=None, key: str | None = None,
+            headers: dict | None = None, raw: bytes | None = None):
+    """``(status, parsed JSON or None)`` of one HTTP request to ``base + path`` (an error body that
+    is not JSON -- a proxy's own page -- comes back as bytes)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers or {})
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            got = resp.read()
+            return resp.status, (json.loads(got) if got else None)
+    except urllib.error.HTTPError as e:
+        got = e.read()
+        try:
+            return e.code, (json.loads(got) if got else None)
+        except ValueError:
+            return e.code, got
+
+
 class DaemonProcess:
     """``with DaemonProcess(tmp_path, extra_ini) as d: d.get("/healthz")``."""
 
@@ -81,19 +103,7 @@ class DaemonProcess:
     def request(self, method: str, path: str, body=None, key: str | None = None,
                 headers: dict | None = None, raw: bytes | None = None):
         """``(status, parsed JSON or None)``; ``raw`` is sent as the body instead of ``body`` as JSON."""
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
-        if key:
-            req.add_header("Authorization", f"Bearer {key}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                raw = resp.read()
-                return resp.status, (json.loads(raw) if raw else None)
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            return e.code, (json.loads(raw) if raw else None)
+        return request(self.url, method, path, body, key, headers, raw)
 
     def request_text(self, method: str, path: str):
         """``(status, body as text)`` (for ``/metrics``)."""

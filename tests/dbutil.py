@@ -68,6 +68,19 @@ def _admin(sql: str) -> None:
         conn.execute(sql)
 
 
+def run_is_gone(pid: int) -> bool:
+    """Whether the test run of process ``pid`` has ended (what it left may be removed)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False  # that run is still going
+
+
 def _drop_leftovers() -> None:
     """Drop the databases of earlier runs whose process is gone (a run that was killed)."""
     import psycopg
@@ -76,14 +89,7 @@ def _drop_leftovers() -> None:
         names = [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'iotd\\_%'")]
         for name in names:
             match = _NAME.match(name)
-            if match is None or int(match.group(1)) == os.getpid():
-                continue
-            try:
-                os.kill(int(match.group(1)), 0)
-                continue  # that run is still going
-            except ProcessLookupError:
-                pass
-            except PermissionError:
+            if match is None or not run_is_gone(int(match.group(1))):
                 continue
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

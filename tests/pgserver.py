@@ -32,6 +32,8 @@ import time
 
 import pytest
 
+import dbutil
+
 PREFIX = "iotd-pg-"
 _LEFTOVER = re.compile(rf"^{PREFIX}(\d+)-")
 
@@ -75,14 +77,7 @@ def drop_leftovers() -> None:
     """Stop and remove the servers of earlier runs whose process is gone (a run that was killed)."""
     for path in glob.glob(os.path.join(tempfile.gettempdir(), PREFIX + "*")):
         match = _LEFTOVER.match(os.path.basename(path))
-        if match is None or int(match.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-            continue  # that run is still going
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if match is None or not dbutil.run_is_gone(int(match.group(1))):
             continue
         try:
             with open(os.path.join(path, "data", "postmaster.pid")) as f:

@@ -6,16 +6,15 @@ replaced by this test's free ports; the node configs parse as they are.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
 from cluster_nodes import Nodes, Socket, wait_for
+import daemon_process
 from daemon_process import ROOT, free_port
 
 from iotd import config as configmod
@@ -51,21 +50,8 @@ class HAProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def request(self, method: str, path: str, body=None, key: str | None = None):
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        if key:
-            req.add_header("Authorization", f"Bearer {key}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                return e.code, json.loads(raw or b"null")
-            except ValueError:
-                return e.code, raw  # HAProxy's own page (its 503 while no node is up yet)
+            return daemon_process.request(self.url, method, path, body, key)
         except OSError:
             return None, None
 
