@@ -45,6 +45,16 @@ FLUSH_EVERY = 5.0
 _NO_SELECTION: Mapping[str, int] = {}
 
 
+def _carry(device: Device, old: Device | None) -> Device:
+    """``device`` (as written, or as read from the store) with the runtime state this process has
+    of it: online, lastSeen, lastAddress (a device this process has not seen is offline here)."""
+    if old is not None:
+        device.online, device.lastSeen, device.lastAddress = old.online, old.lastSeen, old.lastAddress
+    else:
+        device.online = False
+    return device
+
+
 class Registry:
     log = Logger()
 
@@ -205,9 +215,7 @@ class Registry:
             holder = self._by_push.get(push_id)
             if holder is not None and holder is not old:
                 raise errors.Conflict(f"pushId {push_id} belongs to another device")
-        device = Device(tenant=tenant, identifier=ident, **fields)
-        if old is not None:  # runtime state survives a replace
-            device.online, device.lastSeen, device.lastAddress = old.online, old.lastSeen, old.lastAddress
+        device = _carry(Device(tenant=tenant, identifier=ident, **fields), old)  # runtime state survives
         try:
             _, revision = await self._store.write(devsql.upsert_bumped, tenant, ident, push_id, device.doc())
         except devsql.PushIdTaken:
@@ -283,13 +291,7 @@ class Registry:
         fresh = set()
         for tenant, ident, doc in rows:
             fresh.add((tenant, ident))
-            device = Device(tenant=tenant, identifier=ident, **doc)
-            old = self._devices.get((tenant, ident))
-            if old is not None:
-                device.online, device.lastSeen, device.lastAddress = old.online, old.lastSeen, old.lastAddress
-            else:
-                device.online = False
-            self._index(device)
+            self._index(_carry(Device(tenant=tenant, identifier=ident, **doc), self._devices.get((tenant, ident))))
         for key in set(self._devices) - fresh:
             self._drop(self._devices[key])
         self._streams = {(tenant, sid): Stream(tenant=tenant, id=sid, **doc) for tenant, sid, doc in streams}
@@ -305,12 +307,7 @@ class Registry:
             if old is not None:
                 self._drop(old)
             return
-        device = Device(tenant=tenant, identifier=identifier, **row)
-        if old is not None:
-            device.online, device.lastSeen, device.lastAddress = old.online, old.lastSeen, old.lastAddress
-        else:
-            device.online = False
-        self._index(device)
+        self._index(_carry(Device(tenant=tenant, identifier=identifier, **row), old))
 
     async def reload_stream(self, tenant: str, stream_id: str) -> None:
         """Another node changed this stream: take the stored one (or drop it)."""

@@ -37,6 +37,20 @@ class Presence:
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # last activity, oldest first
         self.wake: Callable[[float], None] = lambda when: None  # the sweeps' offline timer
 
+    # The life cycle of :class:`iotd.push.shared_presence.SharedPresence`: one node has nothing to
+    # load, flush or lead (its offline check runs on the sweeps' timer).
+    async def load(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def lead(self, leader: bool) -> None:
+        pass
+
     def seen(self, device: Any, address: str | None) -> None:
         """A poll or result from ``device``: lastSeen/lastAddress, online, conn event."""
         now = self._clock.seconds()

@@ -62,11 +62,10 @@ class CommandService(service.Service):
         self.tally = Tally()
         self.work = Work()
         self.cluster = cluster if cluster is not None else single()
-        if self.cluster.clustered:
-            self.presence: Any = SharedPresence(registry, events, clock, float(config.offline_after),
-                                                self._pending, store)
-        else:
-            self.presence = Presence(registry, events, clock, float(config.offline_after), self._pending)
+        offline_after = float(config.offline_after)
+        self.presence: Presence | SharedPresence = (
+            SharedPresence(registry, events, clock, offline_after, self._pending, store) if self.cluster.clustered
+            else Presence(registry, events, clock, offline_after, self._pending))
         self.waiters = Waiters(clock, self.get)
         self.waiters.announce = self._announce_finished
         self.polls = Polls(events, clock, self.work, self.tally, self.waiters, self._pending,
@@ -103,8 +102,7 @@ class CommandService(service.Service):
             raise
         self.work.merge((tenant, device) for _, tenant, device, _ in rows)
         self.tally.load(counts)
-        if isinstance(self.presence, SharedPresence):
-            await self.presence.load()
+        await self.presence.load()
         self.ready = True
         self.log.info("command queue loaded: {queued} queued, {sent} sent",
                       queued=self.tally.counts["queued"], sent=self.tally.counts["sent"])
@@ -131,15 +129,13 @@ class CommandService(service.Service):
     def _start_timers(self) -> defer.Deferred:
         """Start the refresh, and the sweeps if this node leads; fires when their first pass ended."""
         self.refresher.start()
-        if isinstance(self.presence, SharedPresence):
-            self.presence.start()
+        self.presence.start()
         if not self.cluster.leader.is_leader:
             return defer.succeed(None)
         return self._lead()
 
     def _lead(self) -> defer.Deferred:
-        if isinstance(self.presence, SharedPresence):
-            self.presence.lead(True)
+        self.presence.lead(True)
         if self.sweeps.running:
             return defer.succeed(None)
         self.sweeps.startService()
@@ -152,8 +148,7 @@ class CommandService(service.Service):
         if leader:
             self._lead()
         else:
-            if isinstance(self.presence, SharedPresence):
-                self.presence.lead(False)
+            self.presence.lead(False)
             if self.sweeps.running:
                 self.sweeps.stopService()
 
@@ -173,8 +168,7 @@ class CommandService(service.Service):
     def stopService(self) -> defer.Deferred:
         super().stopService()
         self.refresher.stop()
-        if isinstance(self.presence, SharedPresence):
-            self.presence.stop()
+        self.presence.stop()
         if self.sweeps.running:
             self.sweeps.stopService()
         self.waiters.answer_all()  # ?wait= requests get the current state
