@@ -47,9 +47,13 @@ class Channel:
         self._up.append(listener)
 
     def publish(self, topic: str, message: dict[str, Any]) -> None:
-        """Tell the other nodes (none here)."""
+        """Tell the other nodes (none here: nothing is even encoded)."""
 
-    def encode(self, topic: str, message: dict[str, Any]) -> str:
+    def send(self, topic: str, text: str) -> None:
+        """Publish an envelope already made by :meth:`encode` (none here)."""
+
+    def encode(self, message: dict[str, Any]) -> str:
+        """The envelope of ``message``: it names this node, so a node ignores its own messages."""
         return json.dumps({"n": self.node, "m": message}, separators=(",", ":"), ensure_ascii=False)
 
     def received(self, topic: str, text: str) -> None:

@@ -43,6 +43,7 @@ class PgLeader:
         self.is_leader = False
         self._listeners: list[Callable[[bool], None]] = []
         self._conn: Any = None
+        self._holding = False  # (leader thread) this session holds the lock
         self._pool = ThreadPool(1, 1, name="iotd-leader")
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self._clock
@@ -92,7 +93,7 @@ class PgLeader:
                                              keepalives_count=3, tcp_user_timeout=10000,
                                              application_name="iotd leader")
                 self._holding = False
-            if getattr(self, "_holding", False):
+            if self._holding:
                 self._conn.execute("SELECT 1").fetchone()
                 return True
             self._holding = bool(self._conn.execute("SELECT pg_try_advisory_lock(%s)", (KEY,)).fetchone()[0])

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import attrs
 
+from iotd import metrics
 from iotd.cluster.channel import Channel, Handler
 
 
@@ -24,8 +25,6 @@ class AlwaysLeader:
         """``fn(is_leader)`` on each change (never, here)."""
 
     async def start(self) -> None:
-        from iotd import metrics
-
         metrics.leader.set(1)
 
     async def stop(self) -> None:

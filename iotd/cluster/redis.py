@@ -105,8 +105,6 @@ class RedisChannel(Channel):
         self._subscriber: txredisapi.SubscriberFactory | None = None
         self._sub_conn: Any = None
         self._in_flight = 0
-        self.dropped = 0
-        self._ever_up = False
 
     def set_cluster_id(self, cluster_id: str) -> None:
         """Name the channels after the store's cluster id (before :meth:`start`)."""
@@ -188,15 +186,12 @@ class RedisChannel(Channel):
         return None
 
     def publish(self, topic: str, message: dict[str, Any]) -> None:
-        text = self.encode(topic, message)
-        self.send(topic, text)
+        self.send(topic, self.encode(message))
 
     def send(self, topic: str, text: str) -> None:
-        """Publish an already encoded envelope (see :meth:`Channel.encode`)."""
         conn = self._publisher_conn()
         size = len(text)
         if conn is None or self._in_flight + size > MAX_IN_FLIGHT_BYTES:
-            self.dropped += 1
             metrics.bus_messages.labels("dropped", topic).inc()
             self._update()
             return
@@ -228,7 +223,6 @@ class RedisChannel(Channel):
         metrics.bus_up.set(1 if state == "ok" else 0)
         if state == "ok":
             self.log.info("bus: connected to {where}", where=self.where)
-            self._ever_up = True
         elif previous == "ok":
             self.log.warn("bus: lost {where}; serving on, filling from the store", where=self.where)
 

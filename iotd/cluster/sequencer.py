@@ -83,16 +83,13 @@ class Sequencer:
 
     def local(self, rows: list[evsql.Row], events: list[Event]) -> None:
         """This node committed ``events`` (``rows`` as stored): tell the others, deliver in order."""
-        text = self._encode(rows)
-        if len(text) > MAX_MESSAGE_BYTES:
-            text = self._channel.encode(TOPIC, {"upto": rows[-1][0]})
-        send = getattr(self._channel, "send", None)
-        if send is not None:
-            send(TOPIC, text)
+        channel = self._channel
+        if channel.up:  # (while the bus is down the message would be dropped: not even encoded)
+            text = channel.encode({"e": [list(r) for r in rows]})
+            if len(text) > MAX_MESSAGE_BYTES:
+                text = channel.encode({"upto": rows[-1][0]})
+            channel.send(TOPIC, text)
         self.offer(events)
-
-    def _encode(self, rows: list[evsql.Row]) -> str:
-        return self._channel.encode(TOPIC, {"e": [list(r) for r in rows]})
 
     def remote(self, node: str, message: dict[str, Any]) -> None:
         """Another node's commit: its events, or only the last id of a large batch."""
