@@ -40,6 +40,7 @@ def get_stream(conn: Any, tenant: str, stream_id: str) -> dict[str, Any] | None:
 
 
 RUNTIME = ("online", "lastSeen", "lastAddress")  # the fields the periodic flush writes
+FLUSH_CHUNK = 500  # devices read (and locked) per statement by the flush on PostgreSQL
 
 
 def update_docs(conn: Any, rows: list[tuple[str, str, dict]]) -> None:
@@ -47,23 +48,29 @@ def update_docs(conn: Any, rows: list[tuple[str, str, dict]]) -> None:
 
     Only those fields are merged into the stored doc, so a node's flush never
     undoes a change another node made to the device's other fields meanwhile.
-    SQLite merges with ``json_patch``; on PostgreSQL the doc is read under its
-    row lock and written back (a ``jsonb`` merge would refuse a doc holding
-    ``\\u0000``, which JSON text allows)."""
+    SQLite merges with ``json_patch``; on PostgreSQL the docs are read under
+    their row locks (:data:`FLUSH_CHUNK` a statement, always in key order, so two
+    nodes' flushes never deadlock) and written back -- a ``jsonb`` merge would
+    refuse a doc holding ``\\u0000``, which JSON text allows."""
     patches = [(tenant, ident, {k: doc.get(k) for k in RUNTIME}) for tenant, ident, doc in rows]
     if conn.dialect != "postgresql":
         conn.executemany("UPDATE devices SET doc = json_patch(doc, ?) WHERE tenant = ? AND identifier = ?",
                          [(json.dumps(patch), tenant, ident) for tenant, ident, patch in patches])
         return
-    for tenant, ident, patch in patches:
-        row = conn.execute("SELECT doc FROM devices WHERE tenant = ? AND identifier = ? FOR UPDATE",
-                           (tenant, ident)).fetchone()
-        if row is None:
-            continue
-        stored = json.loads(row[0])
-        stored.update(patch)
-        conn.execute("UPDATE devices SET doc = ? WHERE tenant = ? AND identifier = ?",
-                     (json.dumps(stored), tenant, ident))
+    patches.sort(key=lambda p: (p[0], p[1]))  # rows locked in one order by every node: no deadlock
+    for at in range(0, len(patches), FLUSH_CHUNK):
+        chunk = patches[at:at + FLUSH_CHUNK]
+        pairs = ", ".join(["(?, ?)"] * len(chunk))
+        stored = {(r[0], r[1]): json.loads(r[2]) for r in conn.execute(
+            f"SELECT tenant, identifier, doc FROM devices WHERE (tenant, identifier) IN ({pairs}) "
+            "ORDER BY tenant, identifier FOR UPDATE", [x for t, i, _ in chunk for x in (t, i)])}
+        updates = []
+        for tenant, ident, patch in chunk:
+            doc = stored.get((tenant, ident))
+            if doc is not None:
+                doc.update(patch)
+                updates.append((json.dumps(doc), tenant, ident))
+        conn.executemany("UPDATE devices SET doc = ? WHERE tenant = ? AND identifier = ?", updates)
 
 
 def delete(conn: Any, tenant: str, identifier: str) -> bool:
