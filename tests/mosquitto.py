@@ -32,7 +32,7 @@ def free_port() -> int:
 
 class Mosquitto:
     def __init__(self, workdir: Any, users: dict[str, str] | None = None, acl: str | None = None,
-                 port: int | None = None):
+                 port: int | None = None, conf: str | None = None):
         self.dir = os.path.join(str(workdir), "mosquitto")
         os.makedirs(self.dir, exist_ok=True)
         self.port = port or free_port()
@@ -42,21 +42,31 @@ class Mosquitto:
                  "max_queued_messages 0", "max_queued_bytes 0", "max_inflight_messages 100",
                  f"log_dest file {os.path.join(self.dir, 'mosquitto.log')}", "log_type error",
                  "log_type warning", "log_type notice"]
+        if conf is not None:  # a given config (the README's), its paths and port made this test's own
+            lines = [conf.replace("listener 1883", f"listener {self.port} 127.0.0.1")
+                     .replace("/etc/mosquitto/passwd", os.path.join(self.dir, "passwd"))
+                     .replace("/etc/mosquitto/iotd.acl", os.path.join(self.dir, "acl")),
+                     f"persistence_location {self.dir}/",
+                     f"log_dest file {os.path.join(self.dir, 'mosquitto.log')}"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # (as root it would run as user mosquitto: the test's files are root's)
         if users:
             pwfile = os.path.join(self.dir, "passwd")
             open(pwfile, "w").close()
             for name, password in users.items():
                 subprocess.run([PASSWD, "-b", pwfile, name, password], check=True, capture_output=True)
             os.chmod(pwfile, 0o600)
-            lines += ["allow_anonymous false", f"password_file {pwfile}"]
-        else:
+            if conf is None:
+                lines += ["allow_anonymous false", f"password_file {pwfile}"]
+        elif conf is None:
             lines.append("allow_anonymous true")
         if acl is not None:
             aclfile = os.path.join(self.dir, "acl")
             with open(aclfile, "w") as f:
                 f.write(acl)
             os.chmod(aclfile, 0o600)
-            lines.append(f"acl_file {aclfile}")
+            if conf is None:
+                lines.append(f"acl_file {aclfile}")
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None

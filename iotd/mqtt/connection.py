@@ -102,6 +102,7 @@ class Connection:
         self._delay = FIRST_DELAY
         self._retry: Any = None
         self._why_down = ""
+        self._refusal = ""
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
                              protocol=paho.MQTTv311, manual_ack=True,
                              transport="unix" if broker.kind == "unix" else "tcp", reconnect_on_failure=False)
@@ -205,8 +206,9 @@ class Connection:
     # -- paho's callbacks (reactor thread, but for the blocking open) -------------------------
 
     def _connected(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            self._reactor.callLater(0, self._refused, str(reason))
+        if reason.is_failure:  # (paho closes the socket next; the outage is logged with this reason)
+            self._refusal = f"the broker refused the connection: {reason}"
+            self.drop(self._refusal)
             return
         self.state = "ok"
         self._delay = FIRST_DELAY
@@ -215,9 +217,6 @@ class Connection:
                       client_id=self.client_id, session="resumed" if flags.session_present else "new")
         client.subscribe([(f, self._qos) for f in self._filters])
         self._on_up()
-
-    def _refused(self, why: str) -> None:
-        self._close(f"the broker refused the connection: {why}")
 
     # paho holds a lock while it runs a callback, and closing its socket takes that lock again:
     # what a callback must do to the client waits for the next reactor turn.
@@ -306,6 +305,8 @@ class Connection:
         self._closed(why)
 
     def _closed(self, why: str) -> None:
+        if self._refusal:
+            why, self._refusal = self._refusal, ""
         if self._misc.running:
             self._misc.stop()
         self.generation += 1
