@@ -317,3 +317,69 @@ async def test_healthz_reports_the_broker(daemon, broker):
     await eventually(lambda: svc.state != "ok", timeout=15)
     status, body = await daemon.request("GET", "/healthz")
     assert status == 200 and body["mqtt"] in ("down", "connecting") and body["status"] == "degraded"
+
+
+@pytest.fixture
+def quick_commands(daemon_config):
+    daemon_config["push"] = {"command_timeout": "1", "max_attempts": "2"}
+    return daemon_config
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unanswered_command_is_resent_after_command_timeout_then_fails(quick_commands, daemon, broker):
+    await daemon.put_device("mute-1", transport="mqtt")
+    await connected(daemon)
+    dev = await device(broker, "mute-1", subscribe="iotd/default/MUTE-1/commands")
+    try:
+        status, cmd = await daemon.request("POST", "/api/v1/devices/mute-1/commands?wait=10", {"endpoint": "x"})
+        assert status == 200 and cmd["status"] == "failed", cmd
+        assert cmd["error"] == "no result after 2 attempts" and cmd["attempts"] == 2
+        got = await in_thread(dev.wait_received, 2, 5)
+        assert [json.loads(p)["id"] for _, p in got] == [cmd["id"], cmd["id"]]
+    finally:
+        await in_thread(dev.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reading_stops_while_the_store_is_slow_and_nothing_is_lost(daemon, broker, monkeypatch):
+    import threading
+
+    from iotd.mqtt import ingest
+
+    monkeypatch.setattr(ingest, "HIGH_COUNT", 10)
+    await daemon.put_device("slow-1")
+    await connected(daemon)
+    svc = daemon.top.getServiceNamed("mqtt")
+    dev = await device(broker, "slow-1")
+    gate = threading.Event()
+    blocked = daemon.ctx.store.write(lambda conn: gate.wait(30))  # the writer thread is busy
+    try:
+        infos = await in_thread(lambda: [dev.publish("iotd/default/slow-1/readings",
+                                                     json.dumps({"data": {"n": n}}), 1, wait=False)
+                                         for n in range(60)])
+        await eventually(lambda: svc.connection._paused, timeout=10)
+        await in_thread(__import__("time").sleep, 0.3)
+        assert len(svc.ingest._waiting) <= 12  # bounded: the rest waits in the broker
+        gate.set()
+        await blocked
+        await in_thread(lambda: [i.wait_for_publish(20) for i in infos])
+        got: list = []
+        for _ in range(500):
+            got = await history(daemon, "slow-1", "readings")
+            if len(got) >= 60:
+                break
+            await in_thread(__import__("time").sleep, 0.02)
+        assert sorted(r["data"]["n"] for r in got) == list(range(60))
+        assert not svc.connection._paused
+    finally:
+        gate.set()
+        await in_thread(dev.close)
+
+
+def test_with_several_nodes_the_filters_are_shared_subscriptions():
+    from iotd.mqtt.topics import Topics
+
+    assert Topics("iotd", shared=True).filters()[0] == "$share/iotd/iotd/+/+/packets"
+    assert Topics("site/a").route("site/a/default/D1/commands/result") == ("default", "D1", "commands/result")
+    assert Topics("site/a").route("site/a/default/D1/commands") is None  # iotd's own publish
+    assert Topics("iotd").route("other/default/D1/readings") is None
