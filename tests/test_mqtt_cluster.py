@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cluster_nodes import Nodes, wait_for
 from mosquitto import Device, Mosquitto
 from test_mqtt_twistd import stored_readings
+
+pytestmark = pytest.mark.postgresql_only  # several nodes share a PostgreSQL store
 
 
 def stored_count(node) -> float:
