@@ -174,3 +174,43 @@ async def test_a_wrong_password_keeps_iotd_down_and_says_so(tmp_path, guarded):
             assert not any("not-it" in line for line in log.lines)  # the password is never logged
         finally:
             await stop_daemon(daemon)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readme_device_example_reports_and_answers_a_command(tmp_path, broker_for_example):
+    import subprocess
+    import sys
+
+    daemon = await start_daemon(make_config(tmp_path, {"mqtt": {"broker": broker_for_example.endpoint,
+                                                                "client_id": "iotd-example"}}))
+    example = subprocess.Popen([sys.executable, os.path.join(repo_root(), "examples", "mqtt_device.py"),
+                                "--port", str(broker_for_example.port), "--device", "GATE-01"])
+    try:
+        await daemon.put_device("GATE-01", transport="mqtt")
+        await eventually(lambda: daemon.top.getServiceNamed("mqtt").state == "ok", timeout=15)
+        await eventually(lambda: daemon.ctx.registry.get("default", "GATE-01").online, timeout=20)
+        status, cmd = await daemon.request("POST", "/api/v1/devices/GATE-01/commands?wait=20",
+                                           {"endpoint": "open_door"})
+        assert status == 200 and cmd["response"] == {"endpoint": "open_door", "done": True}, cmd
+        _, body = await daemon.request("GET", "/api/v1/devices/GATE-01/readings?limit=5")
+        assert body["items"] and body["items"][0]["data"] == {"temperature": 21.5, "door": "closed"}
+        example.kill()  # gone without a DISCONNECT: its will says offline
+        await eventually(lambda: not daemon.ctx.registry.get("default", "GATE-01").online, timeout=60)
+    finally:
+        example.kill()
+        example.wait()
+        await stop_daemon(daemon)
+
+
+@pytest.fixture
+def broker_for_example(tmp_path):
+    with Mosquitto(tmp_path) as broker:
+        yield broker
+
+
+def test_the_readme_shows_the_tested_files_as_they_are():
+    with open(os.path.join(repo_root(), "README.md")) as f:
+        readme = f.read()
+    for path in ("etc/mqtt/acl", "etc/mqtt/mosquitto.conf", "etc/mqtt/iotd-mqtt.ini", "examples/mqtt_device.py"):
+        with open(os.path.join(repo_root(), path)) as f:
+            assert f.read().strip() in readme, f"README's copy of {path} differs"
