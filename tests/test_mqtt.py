@@ -212,6 +212,8 @@ async def test_a_command_to_an_mqtt_device_arrives_on_its_topic_and_wait_returns
                         "body": {"actions": [{"action": "door"}]}}
         assert status == 200, cmd
         assert cmd["status"] == "done" and cmd["response"] == {"opened": True} and cmd["attempts"] == 1
+        events = await history(daemon, "lock-3", "events", order="asc")
+        assert [e["kind"] for e in events] == ["action", "action"]  # sent, then finished: as with /push
     finally:
         await in_thread(dev.close)
 
