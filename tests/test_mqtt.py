@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 
 from mosquitto import Device, Mosquitto
-from ws_helpers import Client, eventually, in_thread, ws_url
+from ws_helpers import Client, eventually, in_thread, sleep, until, ws_url
 
 SUBSCRIBE = "/api/v1/system/common/websocket/connect"
 
@@ -98,17 +98,7 @@ async def test_raw_bytes_become_a_binary_packet_and_text_a_utf8_one(daemon, brok
         await publish(dev, "iotd/default/meter-7/packets", b"\x00\xff\x10binary")
         await publish(dev, "iotd/default/meter-7/packets", "hello, 世界")
         await publish(dev, "iotd/default/meter-7/packets", {"payload": "abc", "meta": {"rssi": -70}})
-        await eventually(lambda: daemon.ctx.events is not None)
-        packets = []
-
-        async def three():
-            packets[:] = await history(daemon, "meter-7", "packets", order="asc")
-            return len(packets) == 3
-
-        for _ in range(250):
-            if await three():
-                break
-            await in_thread(lambda: __import__("time").sleep(0.02))
+        packets = await until(lambda: history(daemon, "meter-7", "packets"), lambda got: len(got) >= 3)
         packets.sort(key=lambda p: p["id"])
         assert [(p["payload_encoding"], p["payload"], p["interface_id"]) for p in packets] == [
             ("binary", "00ff1062696e617279", "mqtt"),
@@ -155,16 +145,7 @@ async def test_500_qos1_messages_are_stored_once_each(daemon, broker):
             return all(info.is_published() for info in infos)
 
         assert await in_thread(send_all)
-        got: list = []
-
-        async def count():
-            got[:] = await history(daemon, "burst", "readings")
-            return len(got)
-
-        for _ in range(500):
-            if await count() >= 500:
-                break
-            await in_thread(lambda: __import__("time").sleep(0.02))
+        got = await until(lambda: history(daemon, "burst", "readings"), lambda got: len(got) >= 500)
         assert sorted(r["data"]["n"] for r in got) == list(range(500))
     finally:
         await in_thread(dev.close)
@@ -230,16 +211,10 @@ async def test_a_result_naming_another_command_does_not_finish_the_one_in_flight
         await publish(dev, "iotd/default/lock-4/commands/result", {"id": cmd["id"] + 1000, "response": "x"})
         await publish(dev, "iotd/default/lock-4/commands/result", {"id": cmd["id"], "error": "busy"})
 
-        async def finished():
-            _, now = await daemon.request("GET", f"/api/v1/commands/{cmd['id']}")
-            return now
+        async def now():
+            return (await daemon.request("GET", f"/api/v1/commands/{cmd['id']}"))[1]
 
-        now = await finished()
-        for _ in range(250):
-            if now["status"] != "sent":
-                break
-            await in_thread(lambda: __import__("time").sleep(0.02))
-            now = await finished()
+        now = await until(now, lambda c: c["status"] != "sent")
         assert now["status"] == "failed" and now["error"] == "busy"
     finally:
         await in_thread(dev.close)
@@ -298,11 +273,8 @@ async def test_unknown_devices_are_dropped_and_counted(daemon, broker):
     try:
         await publish(dev, "iotd/default/stranger/readings", {"data": {"x": 1}})
         await publish(dev, "iotd/default/stranger/readings", {"data": {"x": 2}})
-        for _ in range(250):
-            if await metric(daemon, "unknown_device") >= before + 2:
-                break
-            await in_thread(lambda: __import__("time").sleep(0.02))
-        assert await metric(daemon, "unknown_device") == before + 2
+        counted = await until(lambda: metric(daemon, "unknown_device"), lambda n: n >= before + 2)
+        assert counted == before + 2
         status, _ = await daemon.request("GET", "/api/v1/devices/stranger")
         assert status == 404
     finally:
@@ -360,17 +332,12 @@ async def test_reading_stops_while_the_store_is_slow_and_nothing_is_lost(daemon,
                                                      json.dumps({"data": {"n": n}}), 1, wait=False)
                                          for n in range(60)])
         await eventually(lambda: svc.connection._paused, timeout=10)
-        await in_thread(__import__("time").sleep, 0.3)
+        await sleep(0.3)
         assert len(svc.ingest._waiting) <= 12  # bounded: the rest waits in the broker
         gate.set()
         await blocked
         await in_thread(lambda: [i.wait_for_publish(20) for i in infos])
-        got: list = []
-        for _ in range(500):
-            got = await history(daemon, "slow-1", "readings")
-            if len(got) >= 60:
-                break
-            await in_thread(__import__("time").sleep, 0.02)
+        got = await until(lambda: history(daemon, "slow-1", "readings"), lambda got: len(got) >= 60)
         assert sorted(r["data"]["n"] for r in got) == list(range(60))
         assert not svc.connection._paused
     finally:

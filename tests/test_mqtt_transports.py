@@ -10,9 +10,9 @@ import pytest
 import pytest_twisted
 
 from conftest import make_config, start_daemon, stop_daemon
-from mosquitto import Mosquitto
+from mosquitto import Mosquitto, free_port
 from push_helpers import LogLines
-from ws_helpers import eventually, in_thread
+from ws_helpers import eventually, in_thread, until
 
 
 def make_ca_and_server(folder) -> tuple[str, str, str]:
@@ -39,12 +39,10 @@ async def one_reading_arrives(daemon, broker_port: int, identifier: str) -> None
     dev = await in_thread(Device, broker_port, identifier)
     try:
         await in_thread(dev.publish, f"iotd/default/{identifier}/readings", json.dumps({"data": {"via": 1}}))
-        for _ in range(250):
-            _, body = await daemon.request("GET", f"/api/v1/devices/{identifier}/readings?limit=5")
-            if body["items"]:
-                break
-            await in_thread(__import__("time").sleep, 0.02)
-        assert [r["data"] for r in body["items"]] == [{"via": 1}]
+        async def stored():
+            return (await daemon.request("GET", f"/api/v1/devices/{identifier}/readings?limit=5"))[1]["items"]
+
+        assert [r["data"] for r in await until(stored, bool)] == [{"via": 1}]
     finally:
         await in_thread(dev.close)
 
@@ -53,7 +51,7 @@ async def one_reading_arrives(daemon, broker_port: int, identifier: str) -> None
 def tls_broker(tmp_path):
     ca, cert, key = make_ca_and_server(str(tmp_path))
     broker = Mosquitto(tmp_path)
-    tls_port = __import__("mosquitto").free_port()
+    tls_port = free_port()
     with open(broker.conf, "a") as f:  # a second listener: TLS (the plain one is for the test's device)
         f.write(f"listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n")
     with broker:

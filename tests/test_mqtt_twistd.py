@@ -19,7 +19,7 @@ from conftest import make_config, repo_root, start_daemon, stop_daemon
 from daemon_process import DaemonProcess
 from mosquitto import Device, Mosquitto
 from push_helpers import LogLines
-from ws_helpers import eventually, in_thread
+from ws_helpers import eventually, in_thread, until
 
 
 def mqtt_ini(broker: Mosquitto, client_id: str = "iotd-k9") -> str:
@@ -142,12 +142,7 @@ async def test_the_readme_acl_lets_iotd_in_with_its_password_file_and_keeps_devi
             _, body = await daemon.request("GET", f"/api/v1/devices/{identifier}/readings?limit=10")
             return sorted(r["data"].get("own", -1) for r in body["items"])
 
-        await eventually(lambda: True)
-        for _ in range(250):
-            if await readings("GATE-01") == [1, 2]:
-                break
-            await in_thread(time.sleep, 0.02)
-        assert await readings("GATE-01") == [1, 2]
+        assert await until(lambda: readings("GATE-01"), lambda got: got == [1, 2]) == [1, 2]
         assert await readings("GATE-02") == []
         status, cmd = await daemon.request("POST", "/api/v1/devices/GATE-01/commands", {"endpoint": "open"})
         assert status == 201
