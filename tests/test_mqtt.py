@@ -7,6 +7,7 @@ broker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -36,6 +37,18 @@ async def connected(daemon) -> None:
 
 async def device(broker, name: str, **kwargs) -> Device:
     return await in_thread(Device, broker.port, name, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def registered(daemon, broker, name: str, fields: dict | None = None, **kwargs):
+    """The device registered (with ``fields``), iotd connected, and a paho client as that device."""
+    await daemon.put_device(name, **(fields or {}))
+    await connected(daemon)
+    dev = await device(broker, name, **kwargs)
+    try:
+        yield dev
+    finally:
+        await in_thread(dev.close)
 
 
 async def publish(dev: Device, topic: str, payload, qos: int = 1) -> None:
@@ -91,10 +104,7 @@ async def test_a_published_reading_reaches_the_readings_socket_and_the_subscript
 
 @pytest_twisted.ensureDeferred
 async def test_raw_bytes_become_a_binary_packet_and_text_a_utf8_one(daemon, broker):
-    await daemon.put_device("meter-7")
-    await connected(daemon)
-    dev = await device(broker, "meter-7")
-    try:
+    async with registered(daemon, broker, "meter-7") as dev:
         await publish(dev, "iotd/default/meter-7/packets", b"\x00\xff\x10binary")
         await publish(dev, "iotd/default/meter-7/packets", "hello, 世界")
         await publish(dev, "iotd/default/meter-7/packets", {"payload": "abc", "meta": {"rssi": -70}})
@@ -106,8 +116,6 @@ async def test_raw_bytes_become_a_binary_packet_and_text_a_utf8_one(daemon, brok
             ("utf8", "abc", "mqtt"),
         ]
         assert packets[2]["meta"] == {"rssi": -70}
-    finally:
-        await in_thread(dev.close)
 
 
 @pytest_twisted.ensureDeferred
@@ -133,10 +141,7 @@ async def test_malformed_messages_are_dropped_counted_and_the_next_good_one_is_s
 
 @pytest_twisted.ensureDeferred
 async def test_500_qos1_messages_are_stored_once_each(daemon, broker):
-    await daemon.put_device("burst")
-    await connected(daemon)
-    dev = await device(broker, "burst")
-    try:
+    async with registered(daemon, broker, "burst") as dev:
         def send_all():
             infos = [dev.publish("iotd/default/burst/readings", json.dumps({"data": {"n": n}}), 1, wait=False)
                      for n in range(500)]
@@ -147,8 +152,6 @@ async def test_500_qos1_messages_are_stored_once_each(daemon, broker):
         assert await in_thread(send_all)
         got = await until(lambda: history(daemon, "burst", "readings"), lambda got: len(got) >= 500)
         assert sorted(r["data"]["n"] for r in got) == list(range(500))
-    finally:
-        await in_thread(dev.close)
 
 
 @pytest_twisted.ensureDeferred
@@ -201,10 +204,8 @@ async def test_a_command_to_an_mqtt_device_arrives_on_its_topic_and_wait_returns
 
 @pytest_twisted.ensureDeferred
 async def test_a_result_naming_another_command_does_not_finish_the_one_in_flight(daemon, broker):
-    await daemon.put_device("lock-4", transport="mqtt")
-    await connected(daemon)
-    dev = await device(broker, "lock-4", subscribe="iotd/default/LOCK-4/commands")
-    try:
+    async with registered(daemon, broker, "lock-4", fields={"transport": "mqtt"},
+                          subscribe="iotd/default/LOCK-4/commands") as dev:
         status, cmd = await daemon.request("POST", "/api/v1/devices/lock-4/commands", {"endpoint": "reboot"})
         assert status == 201
         await in_thread(dev.wait_received, 1, 20)
@@ -216,8 +217,6 @@ async def test_a_result_naming_another_command_does_not_finish_the_one_in_flight
 
         now = await until(now, lambda c: c["status"] != "sent")
         assert now["status"] == "failed" and now["error"] == "busy"
-    finally:
-        await in_thread(dev.close)
 
 
 @pytest_twisted.ensureDeferred
@@ -301,17 +300,13 @@ def quick_commands(daemon_config):
 
 @pytest_twisted.ensureDeferred
 async def test_an_unanswered_command_is_resent_after_command_timeout_then_fails(quick_commands, daemon, broker):
-    await daemon.put_device("mute-1", transport="mqtt")
-    await connected(daemon)
-    dev = await device(broker, "mute-1", subscribe="iotd/default/MUTE-1/commands")
-    try:
+    async with registered(daemon, broker, "mute-1", fields={"transport": "mqtt"},
+                          subscribe="iotd/default/MUTE-1/commands") as dev:
         status, cmd = await daemon.request("POST", "/api/v1/devices/mute-1/commands?wait=10", {"endpoint": "x"})
         assert status == 200 and cmd["status"] == "failed", cmd
         assert cmd["error"] == "no result after 2 attempts" and cmd["attempts"] == 2
         got = await in_thread(dev.wait_received, 2, 5)
         assert [json.loads(p)["id"] for _, p in got] == [cmd["id"], cmd["id"]]
-    finally:
-        await in_thread(dev.close)
 
 
 @pytest_twisted.ensureDeferred
