@@ -31,7 +31,7 @@ export function parseBody(text) {
 export function commandsPanel(identifier, ctx) {
   const base = `/api/v1/devices/${enc(identifier)}/commands`;
   const alert = alertLine();
-  const { table: tableEl, body } = table("Commands", ["ID", "Status", "Verb", "Endpoint", "Attempts", "Created",
+  const { table: tableEl, body } = table("Latest commands, newest first", ["ID", "Status", "Verb", "Endpoint", "Attempts", "Created",
                                                       "Finished", "Response"]);
   const el = h("section", { class: "panel", "aria-labelledby": "commands-h" },
     h("h3", { id: "commands-h", text: "Commands" }), alert.el, tableEl);

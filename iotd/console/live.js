@@ -5,6 +5,16 @@ import { getKey, socketUrl } from "./api.js";
 
 const CONNECT = "/api/v1/system/common/websocket/connect";
 
+// Closes a socket without the browser's "closed before the connection is established" error.
+function shut(ws) {
+  ws.onmessage = ws.onclose = null;
+  if (ws.readyState === WebSocket.CONNECTING) ws.onopen = () => ws.close(1000);
+  else {
+    ws.onopen = null;
+    ws.close(1000);
+  }
+}
+
 // Identity of a device in the subscription protocol (its identifier when unset).
 export function identity(device) {
   return { productID: device.productID || device.identifier, deviceName: device.deviceName || device.identifier };
@@ -118,7 +128,7 @@ export class Subscriptions {
     this.closed = true;
     this.listeners.clear();
     this.watches.clear();
-    if (this.ws) this.ws.close(1000);
+    if (this.ws) shut(this.ws);
     this.ws = null;
   }
 }
@@ -171,7 +181,7 @@ export function follow(path, { onEvents, onState }) {
       closed = true;
       clearInterval(pinger);
       clearTimeout(timer);
-      if (ws) ws.close(1000);
+      if (ws) shut(ws);
       ws = null;
     },
   };
