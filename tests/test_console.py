@@ -15,6 +15,7 @@ import re
 import socket
 import socketserver
 import threading
+import time
 import urllib.request
 from html.parser import HTMLParser
 
@@ -183,6 +184,8 @@ def test_console_is_served_with_the_spec_headers(iotd):
         assert headers["Content-Security-Policy"] == CSP
         assert headers["X-Content-Type-Options"] == "nosniff"
         assert headers["Referrer-Policy"] == "no-referrer"
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Cache-Control"] == "no-cache"
         etag = headers["ETag"]
         assert re.fullmatch(r'"[0-9a-f]{32}"', etag)
         status, again, body2 = raw_get(iotd, path, {"If-None-Match": etag})
@@ -296,6 +299,22 @@ def test_queue_a_command_from_the_form_and_see_the_answer(console, iotd, tmp_pat
     expect(row.locator(".status")).to_have_text("done")
     expect(row.locator("td.response")).to_contain_text('"name":"Walter White"')
     expect(page.get_by_role("status")).to_contain_text("done")
+    # with Wait the request is held until the device has answered (200 with the finished command)
+    page.get_by_label("Endpoint").fill("get_configuration.fcgi")
+    page.get_by_label("Body").fill("")
+    page.get_by_label("Verb").select_option("GET")
+    page.get_by_label("Wait (s)").fill("30")
+    page.get_by_role("button", name="Queue command").click()
+    expect(page.get_by_role("button", name="Queue command")).to_be_disabled()  # waiting for the answer
+    second, deadline = None, time.monotonic() + TIMEOUT_MS / 1000
+    while second is None and time.monotonic() < deadline:  # queued once the held request reached iotd
+        second = device.poll()
+    assert second == {"verb": "GET", "endpoint": "get_configuration.fcgi"}
+    device.answer("get_configuration.fcgi", {"general": {"beep_enabled": "1"}})
+    expect(page.get_by_role("button", name="Queue command")).to_be_enabled()
+    expect(row).to_have_count(2)
+    expect(row.first.locator(".status")).to_have_text("done")
+    expect(row.first.locator("td.response")).to_contain_text('"beep_enabled":"1"')
     # a body that is not JSON is refused here, with a message; nothing is queued
     page.get_by_label("Body").fill("{not json")
     page.get_by_role("button", name="Queue command").click()
@@ -306,7 +325,17 @@ def test_queue_a_command_from_the_form_and_see_the_answer(console, iotd, tmp_pat
     page.get_by_label("Endpoint").fill("no/slashes")
     page.get_by_role("button", name="Queue command").click()
     expect(page.get_by_role("alert").filter(has_text="422")).to_be_visible()
-    expect(row).to_have_count(1)
+    expect(row).to_have_count(2)
+    # a queued command can be cancelled (the device has not polled it yet)
+    page.get_by_label("Endpoint").fill("reboot")
+    page.get_by_label("Wait (s)").fill("0")
+    page.get_by_role("button", name="Queue command").click()
+    expect(row).to_have_count(3)
+    expect(row.first.locator(".status")).to_have_text("queued")
+    page.get_by_role("button", name=re.compile(r"^Cancel command \d+$")).click()
+    expect(row.first.locator(".status")).to_have_text("cancelled")
+    status, listed = iotd.request("GET", "/api/v1/devices/CMD-01/commands?status=cancelled", key=iotd.admin_key)
+    assert [c["endpoint"] for c in listed["items"]] == ["reboot"]
     shot(page, tmp_path, "command")
 
 
@@ -362,6 +391,7 @@ def test_open_a_tcp_link_use_it_and_close_it(console, iotd, echo, tmp_path):
         assert client.recv(5) == b"hello"
         expect(link_row.locator(".bytes-up")).to_have_text("5 B")
         expect(link_row.locator(".bytes-down")).to_have_text("5 B")
+        expect(link_row.locator(".idle")).to_have_text(re.compile(r"^\d+ (s|min)$"))
         shot(page, tmp_path, "links")
         page.get_by_role("link", name="LINK-01", exact=True).click()
         page.get_by_role("button", name="Close link").click()  # (a client's FIN would close it too)
@@ -381,6 +411,7 @@ def test_a_read_only_key_sees_no_write_controls(console, iotd, echo, tmp_path):
     console.sign_in(new_key(iotd, "read_only"))
     page = console.page
     expect(page.locator("#whoami")).to_contain_text("read_only")
+    expect(console.row("RO-01").locator("td").last).to_have_text("1")  # unfinished commands
     page.get_by_role("link", name="RO-01", exact=True).click()
     expect(page.locator("tr[data-command]")).to_contain_text("reboot")  # it may read them
     expect(page.locator("ul.links li[data-token]")).to_have_count(1)
@@ -449,3 +480,57 @@ def test_phone_width(console, iotd, tmp_path):
     # the page itself never scrolls sideways (wide tables scroll inside their box)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     shot(page, tmp_path, "phone")
+
+
+@needs_browser
+def test_grants_decide_the_controls(console, iotd, tmp_path):
+    put_device(iotd, "GRANT-01", name="Turnstile", tags=["lobby"])
+    console.sign_in(new_key(iotd, "read_only", permissions=["commands:create"]))
+    page = console.page
+    page.get_by_role("link", name="GRANT-01", exact=True).click()
+    expect(page.get_by_role("button", name="Queue command")).to_be_visible()
+    expect(page.get_by_role("button", name="Open link")).to_have_count(0)
+    page.get_by_role("button", name="Sign out").click()
+    console.sign_in(new_key(iotd, "group", groups=["lobby"]))
+    expect(console.row("GRANT-01")).to_be_visible()
+    expect(page.locator("tr[data-device]")).to_have_count(1)  # only its groups' devices
+    page.get_by_role("link", name="Events", exact=True).click()
+    expect(page.get_by_role("alert")).to_contain_text("needs an admin or read_only key")
+    shot(page, tmp_path, "group-events")
+
+
+@needs_browser
+def test_the_device_list_pages_through_the_rest_list(console, iotd, tmp_path):
+    for n in range(51):
+        put_device(iotd, f"PG-{n:03d}", tags=["paged"])
+    console.sign_in(iotd.admin_key)
+    page = console.page
+    page.get_by_label("Tag").fill("paged")
+    page.get_by_role("button", name="Apply").click()
+    rows = page.locator("tr[data-device]")
+    expect(rows).to_have_count(50)
+    expect(rows.first).to_have_attribute("data-device", "PG-000")
+    expect(page.get_by_role("button", name="Previous page")).to_be_disabled()
+    page.get_by_role("button", name="Next page").click()
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_attribute("data-device", "PG-050")
+    expect(page.get_by_role("button", name="Next page")).to_be_disabled()
+    page.get_by_role("button", name="Previous page").click()
+    expect(rows).to_have_count(50)
+    shot(page, tmp_path, "paged")
+
+
+@needs_browser
+def test_a_revoked_key_signs_the_console_out(console, iotd, tmp_path):
+    console.errors.allow(r"Failed to load resource: the server responded with a status of 401")
+    status, created = iotd.request("POST", "/api/v1/api-keys", {"name": "soon gone", "role": "read_only"},
+                                   key=iotd.admin_key)
+    assert status == 201
+    console.sign_in(created["key"])
+    page = console.page
+    page.get_by_role("link", name="Links", exact=True).click()  # polls every 2 s
+    assert iotd.request("DELETE", f"/api/v1/api-keys/{created['id']}", key=iotd.admin_key)[0] == 204
+    expect(page.get_by_label("API key")).to_be_visible()
+    expect(page.get_by_role("alert")).to_contain_text("401 unauthorized")
+    assert page.evaluate("sessionStorage.length") == 0
+    shot(page, tmp_path, "revoked")

@@ -8,7 +8,7 @@ import { alertLine, announce, fmtTime, h, liveLine, short, stateCell, table } fr
 import { linkPanel } from "./linkpanel.js";
 import { follow } from "./live.js";
 
-const ROWS = 20;
+const ROWS = 10;
 const KEEP = 2000; // readings kept for the chart and the table
 
 const FIELDS = [["name", "Name"], ["tags", "Tags"], ["host", "Host"], ["ports", "Ports"], ["pushId", "Push id"],

@@ -35,7 +35,7 @@ export function linksView(root, ctx) {
         h("td", { text: client(link) }),
         h("td", { class: "num bytes-up", text: fmtBytes(link.bytesUp) }),
         h("td", { class: "num bytes-down", text: fmtBytes(link.bytesDown) }),
-        h("td", { text: fmtSeconds((now - Date.parse(link.lastActivity || link.createdAt)) / 1000) }),
+        h("td", { class: "idle", text: fmtSeconds((now - Date.parse(link.lastActivity || link.createdAt)) / 1000) }),
         h("td", {}, ctx.may("deviceLink", "delete")
           ? h("button", { type: "button", text: "Close link", onclick: () => close(link) }) : null))));
       summary.textContent = `${items.length} open link${items.length === 1 ? "" : "s"}`;
