@@ -66,7 +66,7 @@ def echo():
 @pytest.fixture(scope="module")
 def iotd(tmp_path_factory, backend):
     d = DaemonProcess(tmp_path_factory.mktemp("console"), extra=(
-        "[devicelink]\nport_range = 32100-32199\nallowed_device_networks = 127.0.0.0/8\n")).start()
+        "[devicelink]\nport_range = 32100-32199\nallowed_device_networks = 127.0.0.0/8\n")).start(timeout=90)
     try:
         yield d
     finally:
@@ -206,11 +206,14 @@ def test_console_is_served_with_the_spec_headers(iotd):
 
 
 def test_console_false_turns_it_off(tmp_path):
-    with DaemonProcess(tmp_path, extra="console = false\n") as d:  # goes into [http]
+    d = DaemonProcess(tmp_path, extra="console = false\n").start(timeout=90)  # goes into [http]
+    try:
         for path in ("/console/", "/console/app.js", "/"):
             status, body = request(d.url, "GET", path)
             assert status == 404 and body["error"]["code"] == "not_found", path
         assert request(d.url, "GET", "/healthz")[0] == 200
+    finally:
+        d.stop()
 
 
 def test_api_keys_self_shows_the_presented_key(iotd):
