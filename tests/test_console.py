@@ -16,6 +16,7 @@ import socket
 import socketserver
 import threading
 import time
+import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
 
@@ -117,7 +118,8 @@ def console(browser, iotd):
         yield tab
     finally:
         context.close()
-    assert tab.errors.unexpected() == [], "JavaScript errors on the page"
+    unexpected = tab.errors.unexpected()
+    assert not unexpected, f"JavaScript errors on the page: {unexpected}"
 
 
 def put_device(iotd, identifier: str, **fields) -> None:
@@ -531,9 +533,34 @@ def test_a_revoked_key_signs_the_console_out(console, iotd, tmp_path):
     assert status == 201
     console.sign_in(created["key"])
     page = console.page
-    page.get_by_role("link", name="Links", exact=True).click()  # polls every 2 s
+    console.live()  # the devices page makes no REST call by itself: the socket's 4401 tells
     assert iotd.request("DELETE", f"/api/v1/api-keys/{created['id']}", key=iotd.admin_key)[0] == 204
     expect(page.get_by_label("API key")).to_be_visible()
     expect(page.get_by_role("alert")).to_contain_text("401 unauthorized")
     assert page.evaluate("sessionStorage.length") == 0
     shot(page, tmp_path, "revoked")
+
+
+@needs_browser
+def test_hostile_text_is_shown_as_text(console, iotd, tmp_path):
+    console.errors.allow(r"Failed to load resource: the server responded with a status of 404")
+    ident = 'Q?#%"<1'
+    html = '<img src=x onerror="window.pwned=1">'
+    put_device(iotd, urllib.parse.quote(ident, safe=""), name=html, tags=["<b>t</b>"])
+    console.sign_in(iotd.admin_key)
+    page = console.page
+    page.get_by_label("Tag").fill("<b>t</b>")  # (the module's other devices fill the first page)
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator("tr[data-device]")).to_have_count(1)
+    expect(page.locator("tr[data-device]")).to_contain_text("<b>t</b>")
+    page.get_by_role("link", name=ident.upper(), exact=True).click()
+    expect(page.locator('dd[data-field="name"]')).to_have_text(html)
+    status, _ = iotd.request("POST", f"/api/v1/devices/{urllib.parse.quote(ident, safe='')}/readings",
+                             {"data": {"note": html, "v": 1}}, key=iotd.admin_key)
+    assert status == 201
+    expect(page.locator("tr[data-reading]")).to_contain_text(json.dumps(html))
+    assert page.evaluate("window.pwned") is None and page.locator("img").count() == 0
+    # an unknown device: the API's 404, as it comes
+    page.goto(iotd.url + "/console/#/devices/NO-SUCH")
+    expect(page.get_by_role("alert")).to_contain_text("404 not_found")
+    shot(page, tmp_path, "hostile")

@@ -43,8 +43,8 @@ export function keyProblem(key) {
 
 // {status, body} of one REST call; throws ApiError (the API's {"error": {code, message}}).
 export async function api(method, path, body, key = getKey()) {
-  const headers = {};
-  if (key) headers.Authorization = "Bearer " + key;
+  if (!key) throw new ApiError(0, "signed_out", "signed out"); // (work left over from a closed view)
+  const headers = { Authorization: "Bearer " + key };
   const init = { method, headers, cache: "no-store", credentials: "omit" };
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
@@ -75,6 +75,11 @@ export async function api(method, path, body, key = getKey()) {
     throw error;
   }
   return { status: resp.status, body: data };
+}
+
+// Asks iotd whether the key still works: a 401 signs the console out (a socket closed with 4401).
+export function checkKey() {
+  api("GET", "/api/v1/api-keys/self").catch(() => {});
 }
 
 // "/api/v1/devices/" + encoded identifier, etc.

@@ -87,7 +87,8 @@ export function devicesView(root, ctx) {
     try {
       for (const status of UNFINISHED) {
         const path = `/api/v1/devices/${enc(row.device.identifier)}/commands` + query({ status, limit: 1000 });
-        const { body: page } = await counts(() => api("GET", path));
+        const current = () => !gone && rows.get(row.device.identifier) === row; // not left or re-rendered
+        const { body: page } = await counts(() => (current() ? api("GET", path) : Promise.reject(new Error("gone"))));
         total += (page.items || []).length;
         more = more || Boolean(page.next);
       }

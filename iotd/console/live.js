@@ -1,7 +1,7 @@
 // The live sockets: one subscription socket (iThings protocol) for the whole console, and the
 // ELEMENT event sockets (packets, readings) a view follows.
 
-import { getKey, socketUrl } from "./api.js";
+import { checkKey, getKey, socketUrl } from "./api.js";
 
 const CONNECT = "/api/v1/system/common/websocket/connect";
 
@@ -86,12 +86,16 @@ export class Subscriptions {
     this.ready = false;
     this.pending = [];
     ws.onmessage = (msg) => this.received(msg.data);
-    ws.onclose = () => {
+    ws.onclose = (e) => {
       if (this.ws !== ws) return;
       this.ws = null;
       this.ready = false;
       if (this.closed) return;
       this.setState("down");
+      if (e.code === 4401) {
+        checkKey(); // revoked or expired: the 401 signs out
+        return;
+      }
       setTimeout(() => this.connect(), this.delay);
       this.delay = Math.min(this.delay * 2, 15000);
     };
@@ -170,7 +174,10 @@ export function follow(path, { onEvents, onState }) {
       if (ws !== sock || closed) return;
       ws = null;
       onState("down");
-      if (e.code === 4401) return; // key revoked or expired: the next REST call signs out
+      if (e.code === 4401) {
+        checkKey(); // revoked or expired: the 401 signs out
+        return;
+      }
       timer = setTimeout(open, delay);
       delay = Math.min(delay * 2, 30000);
     };
