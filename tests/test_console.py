@@ -564,3 +564,11 @@ def test_hostile_text_is_shown_as_text(console, iotd, tmp_path):
     page.goto(iotd.url + "/console/#/devices/NO-SUCH")
     expect(page.get_by_role("alert")).to_contain_text("404 not_found")
     shot(page, tmp_path, "hostile")
+
+
+def test_the_key_is_never_logged(iotd):
+    """Runs after the flows above (same daemon): websocket URLs carried the key, the log has none."""
+    log = iotd.log()
+    assert iotd.admin_key not in log and iotd.admin_key.upper() not in log
+    if sync_playwright is not None and os.path.exists(CHROMIUM):
+        assert "(subscribe) opened" in log  # the console's sockets were there (with the key in their URL)
