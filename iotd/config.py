@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import attrs
 
+from iotd.mqtt import settings as mqtt_settings
+
 
 class ConfigError(Exception):
     """A bad config file; ``str()`` is the one line printed to the user."""
@@ -227,6 +229,18 @@ class ClusterSection:
 
 
 @attrs.frozen
+class MqttSection:
+    broker: Any = None  # iotd.mqtt.broker.Broker; None: MQTT off
+    client_id: str = ""  # empty: iotd-<node name>
+    username: str = ""
+    password_file: str = ""  # mode 0600; the password is never in the ini
+    topic_prefix: str = "iotd"
+    qos: int = 1
+    keepalive: int = 30
+    auto_register: bool = False
+
+
+@attrs.frozen
 class RetentionSection:
     events_days: float = 30.0
 
@@ -241,6 +255,7 @@ class Config:
     retention: RetentionSection = RetentionSection()
     store: StoreSection = StoreSection()
     cluster: ClusterSection = ClusterSection()
+    mqtt: MqttSection = MqttSection()
     path: str | None = None
 
     @property
@@ -318,6 +333,12 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
     "retention": (RetentionSection, {"events_days": _float_min(0)}),
     "store": (StoreSection, {"url": _store_url, "pool_size": _int_min(2)}),
     "cluster": (ClusterSection, {"node": _node_name, "bus": _bus_url}),
+    "mqtt": (
+        MqttSection,
+        {"broker": mqtt_settings.broker, "client_id": _text, "username": _text,
+         "password_file": mqtt_settings.secret_file, "topic_prefix": mqtt_settings.topic_prefix,
+         "qos": mqtt_settings.qos, "keepalive": _int_min(5), "auto_register": _bool},
+    ),
 }
 
 

@@ -26,6 +26,8 @@ class Context:
     registry: Any
     events: Any
     cluster: Any = attrs.field(factory=lambda: _single())  # iotd.cluster.node.Cluster
+    # component -> fn() -> its state ("ok" or why not): /healthz shows each, "degraded" unless ok
+    health: dict[str, Any] = attrs.Factory(dict)
 
 
 def _single() -> Any:

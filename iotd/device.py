@@ -41,6 +41,8 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tags": (lambda v: isinstance(v, list) and all(isinstance(t, str) and t for t in v), "a list of strings"),
     "fields": (lambda v: isinstance(v, dict), "an object"),
     "interfaces": (lambda v: isinstance(v, list) and all(isinstance(i, dict) for i in v), "a list of objects"),
+    # how its commands reach it: "push" (it polls GET /push; also when unset) or "mqtt" (iotd.mqtt)
+    "transport": (lambda v: v is None or v in ("push", "mqtt"), '"push", "mqtt" or null'),
 }
 
 
@@ -80,6 +82,7 @@ class Device:
     areaID: str | None = None
     fields: dict[str, Any] = attrs.Factory(dict)
     interfaces: list[dict] = attrs.Factory(list)
+    transport: str | None = None  # None or "push": /push; "mqtt": published on its commands topic
     online: bool = False
     lastSeen: int | None = None  # micros
     lastAddress: str | None = None

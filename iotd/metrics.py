@@ -49,3 +49,9 @@ holes_filled = Counter("iotd_event_holes_filled_total",
 leader = Gauge("iotd_leader", "1 while this node is the leader (runs the sweeps)")
 replays_pruned = Counter("iotd_replays_pruned_total",
                          "Socket replays whose after lay before what retention kept (history was missed)", ["kind"])
+
+# mqtt
+mqtt_messages = Counter("iotd_mqtt_messages_total", "MQTT messages from devices, by what became of them",
+                        ["outcome"])
+mqtt_up = Gauge("iotd_mqtt_up", "1 while the connection to the MQTT broker is up")
+mqtt_commands = Counter("iotd_mqtt_commands_total", "Commands published to MQTT devices", ["outcome"])

@@ -5,7 +5,7 @@ The tree::
     MultiService
       core        CoreService: store, keys, registry, event log (async start)
       http-N      one strports service per ``[http] listen`` endpoint
-      <job>       one child per enabled job (push, devicelink, websockets)
+      <job>       one child per enabled job (push, mqtt, devicelink, websockets)
 
 A job is a function ``job(ctx, parent) -> routes`` that builds its own
 service, adds it to ``parent`` as a child and returns its ``routes(app,
@@ -27,6 +27,7 @@ from twisted.python import usage
 from iotd import config as configmod
 from iotd.cluster.nodes import refuse_without_bus
 from iotd.logs import set_level
+from iotd.mqtt import service as mqtt_service
 from iotd.service import CoreService
 from iotd.store import open_error, open_sync
 from iotd.web import devicelink, devices, history, ingest, keys, openapi, ops
@@ -50,6 +51,7 @@ def jobs(cfg: configmod.Config) -> list[Job]:
     ws_limits = Limits.of(cfg.websocket)  # one count for both socket kinds
     return [
         push.job,
+        mqtt_service.job,  # (after push: MQTT devices' commands go through its queue)
         devicelink.job,
         partial(element_job.job, limits=ws_limits),
         partial(subscribe_job.job, limits=ws_limits),

@@ -77,3 +77,30 @@ def test_cluster_keys_are_checked():
             assert why in str(e) and "\n" not in str(e)
         else:
             raise AssertionError(text)
+
+
+def test_mqtt_keys_are_checked(tmp_path):
+    cfg = config.parse_text("[mqtt]\nbroker = tls:host=broker.example\nqos = 0\ntopic_prefix = site/a\n")
+    assert (cfg.mqtt.broker.kind, cfg.mqtt.broker.host, cfg.mqtt.broker.port) == ("tls", "broker.example", 8883)
+    assert cfg.mqtt.qos == 0 and cfg.mqtt.topic_prefix == "site/a"
+    assert config.Config().mqtt.broker is None  # off by default
+    assert config.parse_text("[mqtt]\nbroker = unix:/run/m.sock\n").mqtt.broker.host == "/run/m.sock"
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    for text, message in [
+        ("broker = http://x", "[mqtt] broker: expected a tcp:, tls: or unix: client endpoint, got 'http'"),
+        ("broker = tcp:host=x:port=99999", "[mqtt] broker: port must be 1-65535, got '99999'"),
+        ("broker = tcp:host=x:port=1:colour=red", "[mqtt] broker: unknown parameter 'colour' for tcp:"),
+        ("broker = tls:host=x:trustRoots=/nonexistent.pem", "[mqtt] broker: cannot read trustRoots '/nonexistent.pem'"),
+        ("qos = 2", "[mqtt] qos: expected 0 or 1, got '2'"),
+        ("topic_prefix = a/+/b", "[mqtt] topic_prefix: expected topic levels without wildcards"),
+        ("keepalive = 1", "[mqtt] keepalive:"),
+        (f"password_file = {secret}", f"[mqtt] password_file: '{secret}' is readable by others (mode 644): chmod 600 it"),
+        ("password_file = /nonexistent", "[mqtt] password_file: cannot read '/nonexistent'"),
+    ]:
+        with pytest.raises(config.ConfigError) as e:
+            config.parse_text(f"[mqtt]\n{text}\n")
+        assert str(e.value).startswith("iotd: config error: " + message), str(e.value)
+    secret.chmod(0o600)
+    assert config.parse_text(f"[mqtt]\npassword_file = {secret}\n").mqtt.password_file == str(secret)

@@ -23,7 +23,7 @@ from conftest import repo_root
 
 PACKAGE = os.path.join(repo_root(), "iotd")
 MAX_LINES = 400
-JOB_PACKAGES = ("iotd.web", "iotd.ws", "iotd.relay")
+JOB_PACKAGES = ("iotd.web", "iotd.ws", "iotd.relay", "iotd.mqtt")
 
 # Modules allowed over MAX_LINES for now (each with the reason); none since issue 13 split them.
 OVER_LIMIT_ALLOWED: set[str] = set()

@@ -75,7 +75,7 @@ def _noop(conn):
 @pytest_twisted.ensureDeferred
 async def test_schema_version_recorded(store):
     versions = await store.read(lambda c: [r[0] for r in c.execute("SELECT version FROM schema_version ORDER BY 1")])
-    assert versions == [1, 2, 3, 4, 5, 6]  # every migration of iotd/store/schema/<dialect>/, once
+    assert versions == [1, 2, 3, 4, 5, 6, 7]  # every migration of iotd/store/schema/<dialect>/, once
     if store.dialect == "sqlite":
         mode = await store.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
         assert mode == "wal"

@@ -67,7 +67,7 @@ def test_two_processes_starting_at_once_migrate_once(tmp_path):
         keys_revision = conn.execute("SELECT value FROM meta WHERE name = 'keys_revision'").fetchall()
     finally:
         conn.close()
-    assert versions == [1, 2, 3, 4, 5, 6]  # every migration of iotd/store/schema/<dialect>/, once
+    assert versions == [1, 2, 3, 4, 5, 6, 7]  # every migration of iotd/store/schema/<dialect>/, once
     assert keys_revision == [("0",)]  # migration 1 ran once
 
 

@@ -63,6 +63,17 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0, step: floa
         await sleep(step)
 
 
+async def until(read: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 10.0,
+                step: float = 0.02) -> Any:
+    """``await read()`` until ``done(value)`` or ``timeout`` seconds passed; the last value (the test asserts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        await sleep(step)
+
+
 class Client:
     """One ``websockets`` client connection, awaited from the reactor thread."""
 

@@ -105,24 +105,25 @@ class Polls:
     # -- POST /result -----------------------------------------------------------
 
     def complete_then(self, device: Any, raw: bytes, endpoint: str | None, fn: Then, *args: Any,
-                      uuid: str | None = None) -> None:
+                      uuid: str | None = None, command_id: int | None = None) -> None:
         """``fn(failure_or_None, finished_command_or_None, *args)`` after the commit.
 
-        None: an orphan (no command of the device was waiting for a result; nothing stored).
+        None: an orphan (no command of the device was waiting for a result -- or, with
+        ``command_id``, not that one; nothing stored).
         """
         outcome = result_outcome(raw)
         key = (device.tenant, device.identifier)
         d = self._events.transact(tx.complete, key[0], key[1], outcome, micros_of(self._clock.seconds()), uuid,
-                                  size=len(raw))
+                                  command_id, size=len(raw))
         d.addCallbacks(self._completed, self._then_failed, callbackArgs=(key, endpoint, fn, args, self._work.stamp),
                        errbackArgs=(fn, args))
         self._pending.track(d)
 
     def complete(self, device: Any, raw: bytes, endpoint: str | None = None,
-                 uuid: str | None = None) -> defer.Deferred:
+                 uuid: str | None = None, command_id: int | None = None) -> defer.Deferred:
         """A Deferred firing with the finished command, or None (orphan)."""
         d: defer.Deferred = defer.Deferred()
-        self.complete_then(device, raw, endpoint, _fire, d, uuid=uuid)
+        self.complete_then(device, raw, endpoint, _fire, d, uuid=uuid, command_id=command_id)
         return d
 
     def _completed(self, value: tuple[tx.Finished, list], key: tuple[str, str], endpoint: str | None,

@@ -135,16 +135,18 @@ def hand_out(conn: Any, tenant: str, device: str, now: float, timeout: float,
 
 
 def complete(conn: Any, tenant: str, device: str, outcome: dict[str, Any], now_us: int,
-             uuid: str | None = None) -> tuple[Finished, Items]:
-    """``POST /result``: finish the device's sent command with ``outcome`` (see ``parse_result``)."""
+             uuid: str | None = None, command_id: int | None = None) -> tuple[Finished, Items]:
+    """``POST /result``: finish the device's sent command with ``outcome`` (see ``parse_result``).
+
+    ``command_id`` (an MQTT result names its command): only that command, if it is the one in flight."""
     cmdsql.lock_device(conn, tenant, device)
     transition = Transition.COMPLETE if outcome["status"] == Status.DONE else Transition.FAIL
     fields = {k: v for k, v in outcome.items() if k != "status"}
     fields["result_uuid"] = uuid
     for _ in range(PASSES):
         rows = cmdsql.two_oldest_unfinished(conn, tenant, device)
-        if not rows or rows[0][3] != Status.SENT:
-            return Finished(None, bool(rows)), []  # an orphan: no command waits for a result
+        if not rows or rows[0][3] != Status.SENT or (command_id is not None and rows[0][0] != command_id):
+            return Finished(None, bool(rows)), []  # an orphan: no command (or not that one) waits for a result
         cmd = Command.from_row(rows[0])
         if _finish(conn, cmd, transition, now_us, **fields):
             # the device lock (or SQLite's single writer) keeps the second row where it was

@@ -46,6 +46,8 @@ class Work:
         # (another node queued meanwhile, the bus told us) must not remove it.
         self.stamp = 0
         self._added: dict[Key, int] = {}
+        # fn(key) after each add: the MQTT transport sends the device's command (iotd.mqtt.commands)
+        self.listeners: list[Callable[[Key], None]] = []
 
     def __contains__(self, key: Key) -> bool:
         return key in self.devices
@@ -57,6 +59,8 @@ class Work:
         self.stamp += 1
         self.devices.add(key)
         self._added[key] = self.stamp
+        for listener in self.listeners:
+            listener(key)
 
     def settled(self, key: Key, remaining: bool, since: int | None = None) -> None:
         """A transaction saw (under the device's lock) whether ``key`` has unfinished work.

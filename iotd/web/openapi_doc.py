@@ -79,13 +79,14 @@ SCHEMAS: dict[str, Any] = {
                                                                             "maximum": 65535}},
                        "tags": {"type": "array", "items": {"type": "string", "minLength": 1}},
                        "fields": {"type": "object"},
-                       "interfaces": {"type": "array", "items": {"type": "object"}}}},
+                       "interfaces": {"type": "array", "items": {"type": "object"}},
+                       "transport": {"type": ["string", "null"], "enum": ["push", "mqtt", None]}}},
     "Device": {"type": "object", "required": ["identifier", "tags", "online"], "properties": {
         "identifier": {"type": "string"}, "name": _NSTR, "host": _NSTR, "productID": _NSTR,
         "deviceName": _NSTR, "projectID": _NSTR, "areaID": _NSTR, "pushId": {"type": ["integer", "null"]},
         "ports": {"type": "object"}, "tags": {"type": "array", "items": {"type": "string"}},
         "fields": {"type": "object"}, "interfaces": {"type": "array", "items": {"type": "object"}},
-        "online": {"type": "boolean"}, "lastSeen": _NTIME, "lastAddress": _NSTR}},
+        "transport": {"type": ["string", "null"]}, "online": {"type": "boolean"}, "lastSeen": _NTIME, "lastAddress": _NSTR}},
     "DevicePage": {"type": "object", "required": ["items"], "properties": {
         "items": {"type": "array", "items": ref("Device")}, "next": {"type": "string"}}},
     "StreamBody": {"type": "object", "properties": {

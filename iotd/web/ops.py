@@ -8,6 +8,8 @@
 - 200 ``"status": "degraded"`` while the bus between nodes is down
   (``"bus": "down"`` or ``"connecting"``): the node serves on, its sockets get
   its own events, and the other nodes' from the store about a second late;
+  likewise while a component of :attr:`iotd.context.Context.health` is not
+  ``ok`` (``"mqtt": "down"``: the broker is away; every other job serves on);
 - 503 ``"status": "unavailable"`` when the store is not ``ok``, ``"store"``
   saying why: ``"full"`` (disk full), ``"missing"`` (the database file was
   removed under the daemon), ``"unreachable"`` (PostgreSQL does not answer)
@@ -39,9 +41,12 @@ def routes(app: Klein, ctx: Context) -> None:
             state = ctx.store.health
         bus = ctx.cluster.channel.state
         body = {"version": __version__, "node": ctx.cluster.node, "store": state, "bus": bus}
+        for name, check in ctx.health.items():
+            body[name] = check()
         if state != "ok":
             return respond(request, 503, {"status": "unavailable", **body})
-        return respond(request, 200, {"status": "ok" if bus == "ok" else "degraded", **body})
+        others_ok = bus == "ok" and all(body[name] == "ok" for name in ctx.health)
+        return respond(request, 200, {"status": "ok" if others_ok else "degraded", **body})
 
     @app.route("/metrics", methods=["GET"])
     def metrics(request):
