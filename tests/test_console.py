@@ -139,9 +139,9 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def raw_get(iotd, path: str, headers: dict | None = None):
-    """``(status, headers, body)`` of one GET, redirects not followed."""
-    req = urllib.request.Request(iotd.url + path, headers=headers or {})
+def raw_get(iotd, path: str, headers: dict | None = None, method: str = "GET"):
+    """``(status, headers, body)`` of one GET (or ``method``), redirects not followed."""
+    req = urllib.request.Request(iotd.url + path, headers=headers or {}, method=method)
     try:
         with urllib.request.build_opener(NoRedirect).open(req, timeout=10) as resp:
             return resp.status, resp.headers, resp.read()
@@ -192,6 +192,10 @@ def test_console_is_served_with_the_spec_headers(iotd):
         assert re.fullmatch(r'"[0-9a-f]{32}"', etag)
         status, again, body2 = raw_get(iotd, path, {"If-None-Match": etag})
         assert status == 304 and body2 == b"" and again["ETag"] == etag
+        status, again, body2 = raw_get(iotd, path, {"If-None-Match": f'"other", W/{etag}'})
+        assert status == 304  # a weak or listed tag matches too
+        status, again, body2 = raw_get(iotd, path, method="HEAD")
+        assert status == 200 and body2 == b"" and int(again["Content-Length"]) == len(body)
     # no inline script anywhere: every <script> has a src, no on* handler or style attribute
     _, _, page = raw_get(iotd, "/console/")
     parser = Scripts()
