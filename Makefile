@@ -10,7 +10,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-SOURCES := setup.cfg pyproject.toml $(shell find iotd twisted -name '*.py' -o -name '*.sql' 2>/dev/null)
+SOURCES := setup.cfg pyproject.toml $(shell find iotd twisted -name '*.py' -o -name '*.sql' 2>/dev/null) \
+           $(wildcard iotd/console/*.*)
 
 $(VENV)/.installed: $(BIN)/python $(SOURCES)
 	$(BIN)/pip install --quiet --force-reinstall --no-deps . && $(BIN)/pip install --quiet .

@@ -167,6 +167,7 @@ class HttpSection:
     cors_origins: tuple[str, ...] = ()
     max_connections_per_address: int = 256
     header_timeout: float = 10.0
+    console: bool = True  # the web console at /console/ (false: 404)
 
 
 @attrs.frozen
@@ -281,7 +282,8 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
     "http": (
         HttpSection,
         {"listen": _endpoints, "max_body_bytes": _int_min(1), "cors_origins": _words,
-         "max_connections_per_address": _int_min(0), "header_timeout": _float_min(0.001)},
+         "max_connections_per_address": _int_min(0), "header_timeout": _float_min(0.001),
+         "console": _bool},
     ),
     "push": (
         PushSection,

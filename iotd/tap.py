@@ -145,7 +145,7 @@ def makeService(options: Any, reactor: Any = None) -> service.MultiService:
         routes = job(ctx, top)
         if routes is not None:
             areas.append(routes)
-    site = make_site(ctx, make_app(ctx, areas), ready=lambda: core.ready)
+    site = make_site(ctx, make_app(ctx, areas), ready=lambda: core.ready, console=cfg.http.console)
     for index, endpoint in enumerate(cfg.http.listen):
         svc = strports.service(endpoint, site, reactor=reactor)
         svc.setName(f"http-{index}")

@@ -5,7 +5,8 @@ rights are a subset of the creator's, and a creator with an ``expiresAt``
 mints only keys that expire no later than it does (403 otherwise, like any
 other "beyond its own rights" refusal).  Revoking needs rights covering the
 target key's.  The listing shows ``lastUsedAt`` (recorded at most once a
-minute) once a key was used.
+minute) once a key was used.  ``GET /api/v1/api-keys/self`` shows the
+presented key itself, to any key (the web console offers only what it may do).
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def routes(app: Klein, ctx: Context) -> None:
         result = page(request, ctx.keys.list(key.tenant), lambda k: k.id)
         result["items"] = [k.to_json(ctx.keys.last_used(k.id)) for k in result["items"]]
         return respond(request, 200, result)
+
+    @app.route("/api/v1/api-keys/self", methods=["GET"])
+    def own_key(request):
+        """The presented key itself (role, groups, grants): what a client may offer its user."""
+        key = require(ctx, request, "apiKeys", "read")
+        return respond(request, 200, key.to_json(ctx.keys.last_used(key.id)))
 
     @app.route("/api/v1/api-keys/<key_id>", methods=["DELETE"])
     async def revoke_key(request, key_id):

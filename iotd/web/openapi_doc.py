@@ -235,6 +235,8 @@ def _paths() -> dict[str, Any]:
                                          **_errors(*WRITE)}, body="ApiKeyBody"),
             "get": _op("List keys", {"200": _json(ref("ApiKeyPage"), "A page"), **_errors(*READ)},
                        [LIMIT, _p("after", "query", {"type": "string"}, "Last id of the previous page")])},
+        "/api/v1/api-keys/self": {"get": _op("The presented key itself (what it may do)", {
+            "200": _json(ref("ApiKey"), "The key"), **_errors(400, 401, 503)})},
         "/api/v1/api-keys/{key_id}": {"delete": _op("Revoke a key", {"204": {"description": "Revoked"},
                                                                     **_errors(*READ)}, [_path("key_id")])},
         "/api/v1/devices": {"get": _op("List devices", {"200": _json(ref("DevicePage"), "A page"),

@@ -188,6 +188,9 @@ class Root(Resource):
         self._fast = fast_paths or {}
 
     def render(self, request):
+        console = getattr(self, "_console", None)  # the web console's static files (iotd.web.console)
+        if console is not None and console.claims(request.path):
+            return console.render(request)
         if not self._ready():
             return respond(request, 503, errors.Unavailable("iotd is starting").to_json())
         try:
@@ -254,12 +257,18 @@ def undecodable_url(request: Any) -> str | None:
     return None
 
 
-def make_site(ctx: Context, app: Klein, ready: Callable[[], bool] = lambda: True) -> server.Site:
-    """The site for one set of listeners, with every ``[http]`` limit."""
+def make_site(ctx: Context, app: Klein, ready: Callable[[], bool] = lambda: True,
+              console: bool = False) -> server.Site:
+    """The site for one set of listeners, with every ``[http]`` limit (and the web console at
+    ``/console/`` when ``console``: the main listeners with ``[http] console``)."""
     cfg = ctx.config.http
     request_class = type("Request", (LimitedRequest,), {"max_body": cfg.max_body_bytes})
     root = Root(app.resource(), cfg.cors_origins, ready, app.__dict__.get("iotd_fast_paths"))
     root._keys = ctx.keys  # Root.render looks a key the ring does not know up in the store first
+    if console:
+        from iotd.web.console import Console
+
+        root._console = Console()
     site = Site(root, requestFactory=request_class, logFormatter=access_log, reactor=ctx.reactor,
                 max_per_address=cfg.max_connections_per_address, header_timeout=cfg.header_timeout)
     site.displayTracebacks = False
