@@ -296,6 +296,8 @@ class Stalled(protocol.Protocol):
         self.want = None
 
     def connectionMade(self):
+        # a fixed receive buffer (no autotuning up to tcp_rmem's max, 32 MiB on some machines)
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         self.transport.pauseProducing()
 
     def dataReceived(self, data):
@@ -309,7 +311,8 @@ async def test_a_slow_device_pauses_reading_the_websocket(daemon, servers):
     device = Stalled()
     link = await open_link(daemon, servers(lambda: device))
     client = await ws_connect(daemon, link["token"])
-    payload = os.urandom(8 * 1024 * 1024)
+    # more than the kernel holds on the way (iotd's send buffer autotunes up to tcp_wmem's max, 4 MiB)
+    payload = os.urandom(16 * 1024 * 1024)
     for i in range(0, len(payload), CHUNK):
         client.sendMessage(payload[i:i + CHUNK], isBinary=True)
     await task.deferLater(reactor, 1.0, lambda: None)
