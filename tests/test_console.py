@@ -264,6 +264,7 @@ def test_sign_in_lists_devices_and_sign_out_forgets_the_key(console, iotd, tmp_p
     link.click()
     expect(page.get_by_role("heading", name=re.compile("^LIST-01"))).to_be_visible()
     expect(page.locator('dd[data-field="name"]')).to_have_text("Lobby sensor")
+    expect(page.locator('dd[data-field="transport"]')).to_have_text("push (polls)")
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_label("API key")).to_be_visible()
     assert page.evaluate("sessionStorage.length") == 0

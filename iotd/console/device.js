@@ -13,9 +13,11 @@ const KEEP = 2000; // readings kept for the chart and the table
 
 const FIELDS = [["name", "Name"], ["tags", "Tags"], ["host", "Host"], ["ports", "Ports"], ["pushId", "Push id"],
   ["productID", "Product"], ["deviceName", "Device name"], ["projectID", "Project"], ["areaID", "Area"],
-  ["fields", "Fields"], ["interfaces", "Interfaces"], ["lastSeen", "Last seen"], ["lastAddress", "Last address"]];
+  ["fields", "Fields"], ["interfaces", "Interfaces"], ["transport", "Commands via"], ["lastSeen", "Last seen"],
+  ["lastAddress", "Last address"]];
 
 function fieldText(name, value) {
+  if (name === "transport") return value === "mqtt" ? "MQTT" : "push (polls)";
   if (value === null || value === undefined) return "—";
   if (name === "lastSeen") return fmtTime(value);
   if (name === "tags") return value.join(", ") || "—";
