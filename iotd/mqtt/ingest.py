@@ -138,8 +138,7 @@ class Ingest:
         self._registry.touch(device, None, micros_of(now))
         payload = message.payload
         if what == "commands/result":
-            if self.commands is None:
-                metrics.mqtt_messages.labels("result_ignored").inc()
+            if self.commands is None:  # ([push] enabled = false: no command queue)
                 return defer.succeed("result_ignored")
             return self.commands.result(device, payloads.result_id(payload), payload)
         mid_key = f"m/{self._client_id}/{message.mid}" if message.qos > 0 else None
