@@ -32,7 +32,7 @@ Rows:
   iotd's ingest acknowledgement.
 * ``fanout_send_p99_1000x1``: 1,000 devices x 1 socket, 1,000 events/s
   round-robin.
-* ``fanout_equal_work``: 5,000 events (1,000 with ``--quick``) to 1,000
+* ``fanout_equal_work``: 5,000 events (200 with ``--quick``) to 1,000
   sockets on one device, sent as fast as each server takes them (HTTP:
   batches of 20, 2 requests in flight; MQTT: one publisher); from the first
   send to the last socket's last event -> events delivered per second.
@@ -527,18 +527,34 @@ def one_run(server: Any, clients: Clients, spec: dict, fanout: int) -> dict:
     return out
 
 
-def scenario(names: list[str], n: int, spread_: int, spec: dict, fanout: int, reps: int,
-             log: Any) -> dict[str, list[dict]]:
-    """Every server in ``names`` up with its clients; ``reps`` alternating runs each."""
-    servers, clients = {}, {}
-    devices = [f"BENCH-{i}" for i in range(spread_)]
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+def start_servers(names: list[str], devices: list[str]) -> dict[str, Any]:
+    """The servers of the fan-out rows, started once and kept (idle) for every scenario."""
+    servers: dict[str, Any] = {}
     try:
         for name in names:
             servers[name] = SERVERS[name]().start()
             servers[name].devices(devices)
+    except Exception:
+        stop_servers(servers)
+        raise
+    return servers
+
+
+def stop_servers(servers: dict[str, Any]) -> None:
+    for s in servers.values():
+        s.stop()
+
+
+def scenario(servers: dict[str, Any], n: int, spread_: int, spec: dict, fanout: int, reps: int,
+             log: Any) -> dict[str, list[dict]]:
+    """``n`` sockets to every server (on ``spread_`` devices); ``reps`` alternating runs each."""
+    names = list(servers)
+    clients: dict[str, Clients] = {}
+    spec = dict(spec, devices=[f"BENCH-{i}" for i in range(spread_)])
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    try:
+        for name in names:
             clients[name] = Clients(servers[name], n, spread_)
-        spec = dict(spec, devices=devices)
         for i in range(reps):
             k = i % len(names)
             for name in names[k:] + names[:k]:
@@ -550,8 +566,6 @@ def scenario(names: list[str], n: int, spread_: int, spec: dict, fanout: int, re
     finally:
         for c in clients.values():
             c.stop()
-        for s in servers.values():
-            s.stop()
     return runs
 
 
@@ -615,9 +629,26 @@ def run(quick: bool = False) -> list[dict]:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    seconds = 2.0 if quick else 10.0
+    seconds = 1.0 if quick else 10.0
+    servers = start_servers(names, [f"BENCH-{i}" for i in range(SOCKETS)])
+    try:
+        rows += latency_rows(servers, names, seconds, 200 if quick else 5000, reps, stamp, log)
+    finally:
+        stop_servers(servers)
+    idle = idle_rss(10000)
+    row = {"name": "idle_sockets_10000_rss_mb", "unit": "MB", "iotd": round(idle["rss"], 1),
+           "peer_name": "target 300 MB", "peer": 300.0, "ratio": round(300 / idle["rss"], 3),
+           "open": idle["open"], "base_mb": round(idle["base"], 1), **stamp}
+    _target(row, "iotd", "<=", 300, "MB", log)
+    rows.append(row)
+    return rows
+
+
+def latency_rows(servers: dict[str, Any], names: list[str], seconds: float, total: int, reps: int,
+                 stamp: dict, log: Any) -> list[dict]:
+    rows = []
     log(f"fanout_send_p99_100x1000: {SOCKETS} sockets on one device, 100 events/s for {seconds:g} s")
-    runs = scenario(names, SOCKETS, 1, {"rate": 100, "duration": seconds, "concurrency": 64}, SOCKETS, reps, log)
+    runs = scenario(servers, SOCKETS, 1, {"rate": 100, "duration": seconds, "concurrency": 64}, SOCKETS, reps, log)
     row = latency_row("fanout_send_p99_100x1000", runs, log, events_per_run=int(100 * seconds), sockets=SOCKETS,
                       note="device send (the due time of an open-loop schedule) -> client frame", **stamp)
     _target(row, "iotd", "<=", 50, "p99 ms", log)
@@ -626,15 +657,14 @@ def run(quick: bool = False) -> list[dict]:
     rows.append(row)
 
     log(f"fanout_send_p99_1000x1: {SOCKETS} devices x 1 socket, 1,000 events/s round-robin for {seconds:g} s")
-    runs = scenario(names, SOCKETS, SOCKETS, {"rate": 1000, "duration": seconds, "concurrency": 64}, 1, reps, log)
+    runs = scenario(servers, SOCKETS, SOCKETS, {"rate": 1000, "duration": seconds, "concurrency": 64}, 1, reps, log)
     row = latency_row("fanout_send_p99_1000x1", runs, log, events_per_run=int(1000 * seconds), sockets=SOCKETS,
                       **stamp)
     _target(row, "iotd", "<=", 20, "p99 ms", log)
     rows.append(row)
 
-    total = 1000 if quick else 5000
     log(f"fanout_equal_work: {total} events to {SOCKETS} sockets on one device")
-    runs = scenario(names, SOCKETS, 1, {"total": total, "batch": 20, "concurrency": 2}, SOCKETS, reps, log)
+    runs = scenario(servers, SOCKETS, 1, {"total": total, "batch": 20, "concurrency": 2}, SOCKETS, reps, log)
     iotd = runs["iotd"]
     row = {"name": "fanout_equal_work", "unit": "events/s", "iotd": round(_m(iotd, "rate") or 0),
            "peer_name": "websockets", "peer": round(_m(runs["websockets"], "rate") or 0),
@@ -653,13 +683,6 @@ def run(quick: bool = False) -> list[dict]:
     _target(row, "websockets_ratio", ">=", 1.5, "x websockets", log)
     if "mosquitto" in runs:
         _target(row, "mosquitto_ratio", ">=", 1.0, "x mosquitto", log)
-    rows.append(row)
-
-    idle = idle_rss(10000)
-    row = {"name": "idle_sockets_10000_rss_mb", "unit": "MB", "iotd": round(idle["rss"], 1),
-           "peer_name": "target 300 MB", "peer": 300.0, "ratio": round(300 / idle["rss"], 3),
-           "open": idle["open"], "base_mb": round(idle["base"], 1), **stamp}
-    _target(row, "iotd", "<=", 300, "MB", log)
     rows.append(row)
     return rows
 
