@@ -32,7 +32,7 @@ Rows:
   iotd's ingest acknowledgement.
 * ``fanout_send_p99_1000x1``: 1,000 devices x 1 socket, 1,000 events/s
   round-robin.
-* ``fanout_equal_work``: 5,000 events (200 with ``--quick``) to 1,000
+* ``fanout_equal_work``: 5,000 events (100 with ``--quick``) to 1,000
   sockets on one device, sent as fast as each server takes them (HTTP:
   batches of 20, 2 requests in flight; MQTT: one publisher); from the first
   send to the last socket's last event -> events delivered per second.
@@ -632,7 +632,7 @@ def run(quick: bool = False) -> list[dict]:
     seconds = 1.0 if quick else 10.0
     servers = start_servers(names, [f"BENCH-{i}" for i in range(SOCKETS)])
     try:
-        rows += latency_rows(servers, names, seconds, 200 if quick else 5000, reps, stamp, log)
+        rows += latency_rows(servers, names, seconds, 100 if quick else 5000, reps, stamp, log)
     finally:
         stop_servers(servers)
     idle = idle_rss(10000)

@@ -66,14 +66,14 @@ def time_pages(path: str, count: int, rounds: int) -> dict[str, float]:
 
 
 def run(quick: bool) -> list[dict]:
-    big = 50_000 if quick else 1_000_000
+    big = 20_000 if quick else 1_000_000
     rounds = 5 if quick else 30
     with tempfile.TemporaryDirectory() as tmp:
         small_path, big_path = os.path.join(tmp, "small.sqlite3"), os.path.join(tmp, "big.sqlite3")
         fill(small_path, 10_000)
         fill(big_path, big)
         small, large = time_pages(small_path, 10_000, rounds), time_pages(big_path, big, rounds)
-    label = "1M" if not quick else "50k"
+    label = "1M" if not quick else "20k"
     return [{"name": f"history page of 100 ({name}, {label} events)", "unit": "ms", "iotd": large[name],
              "peer_name": "same page, 10k events", "peer": small[name],
              "ratio": large[name] / small[name] if small[name] else None,

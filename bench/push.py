@@ -389,7 +389,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     """Each measurement alternates iotd on SQLite, iotd on PostgreSQL (when reachable) and the bare
     peer, ``reps`` times, with the same devices and commands for each."""
     reps = 3
-    seconds, warmup = (0.8, 0.3) if quick else (6.0, 1.0)
+    seconds, warmup = (0.5, 0.2) if quick else (6.0, 1.0)
     devices = 1_000 if quick else DEVICES  # quick is a smoke check; the contract figure is the full run
     rows = []
     with tempfile.TemporaryDirectory(prefix="iotd-bench-push-") as workdir, pg_database() as pg_url:

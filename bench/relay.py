@@ -637,10 +637,10 @@ def _target(row: dict[str, Any], key: str, op: str, bound: float, what: str) -> 
 
 def run(quick: bool) -> list[dict[str, Any]]:
     """Run every measurement; returns the result rows (and prints progress and the targets)."""
-    seconds = 0.6 if quick else 4.0
-    udp_seconds = 0.5 if quick else 3.0
+    seconds = 0.4 if quick else 4.0
+    udp_seconds = 0.2 if quick else 3.0
     reps = 3 if quick else 5
-    pings = 2000 if quick else 20000
+    pings = 1000 if quick else 20000
     socat = socat_relay if _have("socat") else None
     haproxy = haproxy_relay if _have("haproxy") else None
     device = Device()
@@ -681,7 +681,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                            peer_note="the same daemon's plain link, userspace path", **stamp)
                 _target(row, "ratio", ">=", 0.7, "x plain (userspace path)")
                 rows.append(row)
-        total = (128 if quick else 1024) * 1024 * 1024
+        total = (64 if quick else 1024) * 1024 * 1024
         runs = _alternate(reps, {"ws": lambda: link_bulk(off, device, "ws", total),
                                  "iotd port": lambda: link_bulk(off, device, "port", total)})
         log(f"tcp link over a websocket, Gbit/s: {runs}")
