@@ -54,7 +54,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import (HOST, machine, today, median, merge_results, pg_database, print_table, stop_process,  # noqa: E402
+from _common import (HOST, machine as machine_name, today, median, merge_results, pg_database, print_table, stop_process,  # noqa: E402
                      free_port, http, parse_http, percentile, raise_nofile)
 
 PY = sys.executable
@@ -777,7 +777,7 @@ def run(quick: bool = False) -> list[dict]:
                          "socket on a, in the same runs; from just before the POST"})
     rows[-1]["node_errors_logged"] = logged
     for row in rows:
-        row.update(machine=machine(), date=today())
+        row.update(machine=machine_name(), date=today())
     return rows
 
 
