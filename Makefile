@@ -32,8 +32,9 @@ test: install-test
 	$(if $(BACKENDS),IOTD_TEST_BACKENDS=$(BACKENDS) ,)$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-test
-	@command -v socat >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq socat >/dev/null) ) || echo "socat could not be installed: relay peers will be skipped"
+	@for tool in socat haproxy mosquitto cc; do command -v $$tool >/dev/null 2>&1 || echo "$$tool is not installed: the rows that need it are left out or fail (apt-get install socat haproxy mosquitto gcc)"; done
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick,)
+	$(BIN)/python bench/readme.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,7 +14,9 @@ import os
 import resource
 import socket
 import statistics
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -212,3 +214,110 @@ class pg_database:
     def __exit__(self, *exc: Any) -> None:
         if self.url is not None:
             self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+# -- the real daemon -------------------------------------------------------------------
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def daemon_env(**extra: str) -> dict[str, str]:
+    """The environment of every child: this checkout's ``iotd`` first on the path."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return env
+
+
+class Daemon:
+    """``twistd --nodaemon iotd -c <tmp>/iotd.ini`` from this checkout, on loopback.
+
+    ``ini`` is added to the generated file (sections of its own); ``env`` to the
+    environment.  ``start()`` waits for ``/healthz`` and reads the first admin key;
+    it also checks that the daemon imported this checkout's ``iotd`` (the log line
+    the plugin prints is not enough: a venv may hold another checkout).
+    """
+
+    def __init__(self, ini: str = "", env: dict[str, str] | None = None, name: str = "iotd") -> None:
+        self.dir = tempfile.mkdtemp(prefix=f"iotd-bench-{name}-")
+        self.port = free_port()
+        self.env = env or {}
+        with open(os.path.join(self.dir, "iotd.ini"), "w") as f:
+            f.write(f"[iotd]\ndata_dir = data\nlog_level = warn\n"
+                    f"[http]\nlisten = tcp:{self.port}:interface={HOST}:backlog=4096\n"
+                    f"max_connections_per_address = 0\n" + ini)
+        self.proc: Any = None
+        self.key = ""
+
+    def start(self) -> "Daemon":
+        import subprocess
+
+        self.log = open(os.path.join(self.dir, "twistd.log"), "wb")
+        self.proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "--logfile=twistd.log", "iotd",
+                                      "-c", "iotd.ini"], cwd=self.dir, env=daemon_env(**self.env),
+                                     stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("twistd did not start: " + self.tail())
+            try:
+                if http("GET", self.url("/healthz"))[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        with open(os.path.join(self.dir, "data", "admin.key")) as f:
+            self.key = f.read().strip()
+        self.check_checkout()
+        return self
+
+    def check_checkout(self) -> None:
+        """The daemon's environment resolves ``iotd`` to this checkout (PYTHONPATH first, before
+        a venv that may hold another checkout installed in development mode)."""
+        import subprocess
+
+        found = subprocess.run([sys.executable, "-c", "import iotd, iotd.tap as p; "
+                                "print(iotd.__file__); print(p.__file__)"], cwd=self.dir,
+                               env=daemon_env(**self.env), capture_output=True, text=True).stdout.split()
+        if len(found) != 2 or not all(f.startswith(ROOT + os.sep) for f in found):
+            raise RuntimeError(f"twistd would import {found}, not this checkout {ROOT}")
+
+    def url(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}{path}"
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        status, out = http(method, self.url(path), body, self.key)
+        if status >= 300:
+            raise RuntimeError(f"{method} {path}: {status} {out!r}")
+        return out
+
+    def tail(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "twistd.log"), errors="replace") as f:
+                return f.read()[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+            self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def spread(values: Sequence[float], digits: int = 2) -> str:
+    """``"min-max"`` of a run's values."""
+    return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+
+
+def machine() -> str:
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}"
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime())

@@ -14,7 +14,7 @@ Parties (each its own process, started from this file with ``--role``):
   the 2-node side the devices are split evenly over the two nodes' ports.  The
   processes are primed (every device answered once) and then all told ``go`` at
   once; each reports its polls in the same window and its own CPU use.
-- ``clients``: raw websocket clients (bench/fanout.py's ``WsClient``) on one
+- ``clients``: raw websocket clients (``bench/_wsclient.py``) on one
   device's packet socket, noting the instant every socket has every event.
 - ``ingest``: a fixed number of events in batches, closed loop, one connection
   per node port (the same connections for both sides, all to ``a`` on 1 node).
@@ -54,7 +54,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import (HOST, median, merge_results, pg_database, print_table, stop_process,  # noqa: E402
+from _common import (HOST, machine as machine_name, today, median, merge_results, pg_database, print_table, stop_process,  # noqa: E402
                      free_port, http, parse_http, percentile, raise_nofile)
 
 PY = sys.executable
@@ -425,7 +425,7 @@ def idle_run(cluster: Cluster, n: int, devices: int, seconds: float, warmup: flo
 def role_clients(spec: dict) -> None:
     """``spec``: port, n, path, mode ("count": note when every socket has ``target`` events; "latency")."""
     raise_nofile()
-    from fanout import WsClient  # bench/fanout.py's raw client: handshake, count or parse frames
+    from _wsclient import WsClient  # the raw asyncio client: handshake, count or parse frames
 
     target = spec.get("target", 0)
 
@@ -687,9 +687,9 @@ def run(quick: bool = False) -> list[dict]:
         print(f"Redis not reachable at {REDIS}: the cluster rows are left out")
         return []
     reps = 2 if quick else 3
-    devices = 2_000 if quick else DEVICES
-    seconds, warmup = (1.5, 0.5) if quick else (6.0, 1.0)
-    events = 600 if quick else EVENTS
+    devices = 1_000 if quick else DEVICES
+    seconds, warmup = (0.5, 0.2) if quick else (6.0, 1.0)
+    events = 200 if quick else EVENTS
     lat_events = 100 if quick else LATENCY_EVENTS
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="iotd-bench-cluster-") as workdir, pg_database() as pg_url:
@@ -776,6 +776,8 @@ def run(quick: bool = False) -> list[dict]:
                  "note": "iotd = p99 ingest on a (POST) -> frame on a socket on b; peer = the same events on a "
                          "socket on a, in the same runs; from just before the POST"})
     rows[-1]["node_errors_logged"] = logged
+    for row in rows:
+        row.update(machine=machine_name(), date=today())
     return rows
 
 

@@ -1,37 +1,43 @@
-"""Fan-out bench: ingest over REST -> websocket delivery to 1,000 sockets.
+"""Fan-out bench: device send -> client frame, through the real ``twistd iotd`` and its peers.
 
-Processes (all on loopback, started by :func:`run`):
+Every server gets exactly the same work -- the same events (same payload, same
+rates, same count), the same number of sockets, the same client program:
 
-* the server under test: the real daemon (``twistd iotd`` with a temp-dir
-  config and default settings) or the peer, a minimal broadcast server written
-  with the asyncio ``websockets`` library (``--peer``) that answers the same
-  ingest URL and sends the same ELEMENT-shaped frames;
-* the clients (``--clients``): raw asyncio websocket clients (1,000 or
-  10,000 in one process) that count frames and, for the latency row, parse
-  the send timestamp embedded in each payload;
-* the ingester (``--ingest``): posts packets over keep-alive HTTP, either as
-  fast as the server answers (closed loop, ``--batch`` events per request) or
-  at a fixed rate (open loop, one event per request).
+* servers: ``twistd iotd`` from this checkout (``Daemon``: temp dir, default
+  settings, SQLite), every event ingested over REST and committed before it
+  is published; the peers: a minimal broadcast server on the asyncio
+  ``websockets`` library (``--peer``, same ingest URL, same ELEMENT-shaped
+  frames, nothing stored) and Mosquitto (QoS 0, no persistence, every
+  subscriber an MQTT connection, the events published by an MQTT client).
+* the client: ``bench/fanclient.c`` (compiled on first use), N websocket or
+  MQTT connections on one epoll loop; it scans what it receives for the
+  send time in each event's payload and records ``now - ts`` per event.  Its
+  CPU use is reported per run (``client_cpu``, cores) so one can see it is
+  not the limit.
+* the ingester (``--ingest``): asyncio, HTTP/1.1 keep-alive (iotd, the
+  ``websockets`` peer) or MQTT (Mosquitto).  Open loop: event ``seq`` is due
+  at ``start + seq/rate`` and carries that due time as ``ts`` (so a server
+  that makes the ingester wait is charged for it: no coordinated omission),
+  one event per request over up to 64 connections.
+
+The servers run side by side for a scenario (idle while not measured), each
+with its clients connected once; runs alternate between them, rotating who
+goes first, >= 3 each, medians with min-max.
 
 Rows:
 
-* ``fanout_1000``: 1,000 sockets on one device's packet socket; events
-  delivered per second (frames received, all sockets together) at saturation
-  (the ingester posts batches of 20 in a closed loop, 2 requests in flight).
-* ``fanout_1000_postgresql``: the same on iotd with ``[store] url`` on a
-  fresh PostgreSQL database; peer = iotd on SQLite, the two alternating in
-  the same run (3 rounds each, medians, with the spread).
-* ``fanout_subscribe_1000``: 1,000 subscription connections, each with
-  ``up.sub devicePublish {projectID}``; same peer figure.
-* ``fanout_latency_p99``: 1,000 device sockets on 1,000 devices, 1,000
-  events/s ingested round-robin (one event per request).  ``iotd``/``peer``
-  and ``p50``: ms from the ingest acknowledged (the ingester notes when each
-  201 arrived) to the frame received (0 when the frame came first); ratio =
-  peer/iotd.  ``send_p50``/``send_p99``: ms from the request being sent (the
-  timestamp embedded in the payload) to the frame received, i.e. including
-  the ingest itself (HTTP, validation, the SQLite commit).
+* ``fanout_send_p99_100x1000``: 1,000 sockets on ONE device, 100 events/s
+  open loop (100,000 frames/s): device send -> client frame p99 (p50, max in
+  the row), ms; ratio = the better peer's p99 / iotd's.  ``ack_p50``/``ack_p99``:
+  iotd's ingest acknowledgement.
+* ``fanout_send_p99_1000x1``: 1,000 devices x 1 socket, 1,000 events/s
+  round-robin.
+* ``fanout_equal_work``: 5,000 events (100 with ``--quick``) to 1,000
+  sockets on one device, sent as fast as each server takes them (HTTP:
+  batches of 20, 2 requests in flight; MQTT: one publisher); from the first
+  send to the last socket's last event -> events delivered per second.
 * ``idle_sockets_10000_rss_mb``: RSS of the daemon holding 10,000 idle
-  sockets; ratio = 500/measured.
+  sockets; ratio = 300 MB (the target) / measured.
 
 ``python bench/fanout.py [--quick] [--json PATH]``.
 """
@@ -40,7 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
+import hashlib
 import json
 import os
 import shutil
@@ -53,14 +59,13 @@ import time
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import (median, merge_results, pg_database, print_table, stop_process,  # noqa: E402
-                     free_port, http, percentile, raise_nofile)
+from _common import (Daemon, free_port, machine, median, merge_results, print_table,  # noqa: E402
+                     raise_nofile, spread, stop_process, today)
 
 PY = sys.executable
-TWISTD = os.path.join(os.path.dirname(PY), "twistd")
-IOTD_SOCKETS = 1000
+SOCKETS = 1000
+CLIENT_SRC = os.path.join(HERE, "fanclient.c")
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:
@@ -82,85 +87,116 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client_binary() -> str:
+    """``fanclient.c`` compiled once per source version (cached in the temp dir)."""
+    with open(CLIENT_SRC, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"iotd-bench-fanclient-{digest}")
+    if not os.path.exists(path):
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("the fan-out client needs a C compiler (cc); apt-get install gcc")
+        subprocess.run([cc, "-O2", "-o", path + ".tmp", CLIENT_SRC], check=True)
+        os.replace(path + ".tmp", path)
+    return path
+
+
 # -- the servers ----------------------------------------------------------------
 
 
 class Iotd:
-    """The real daemon: ``twistd --nodaemon iotd -c <tmp>/iotd.ini`` with default settings."""
+    """The real daemon with default settings; events over REST, sockets on the HTTP port."""
 
     name = "iotd"
+    proto = "ws"
 
-    def __init__(self, store_url: str = "") -> None:
-        self.dir = tempfile.mkdtemp(prefix="iotd-fanout-")
-        self.port = free_port()
-        self.ws_port = self.http_port = self.port
-        with open(os.path.join(self.dir, "iotd.ini"), "w") as f:
-            f.write(f"[iotd]\ndata_dir = data\nlog_level = warn\n"
-                    f"[http]\nlisten = tcp:{self.port}:interface=127.0.0.1\n"
-                    f"max_connections_per_address = 0\n"  # every bench client is 127.0.0.1
-                    + (f"[store]\nurl = {store_url}\n" if store_url else ""))
-        self.proc: subprocess.Popen | None = None
-        self.key = ""
+    def __init__(self, ini: str = "") -> None:
+        self.daemon = Daemon(ini, name="fanout")
 
     def start(self) -> "Iotd":
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        self.log = open(os.path.join(self.dir, "twistd.log"), "wb")
-        self.proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "--logfile=twistd.log", "iotd",
-                                      "-c", "iotd.ini"], cwd=self.dir, env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("twistd exited: " + open(os.path.join(self.dir, "twistd.log")).read()[-2000:])
-            try:
-                if http("GET", self.url("/healthz"))[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
-        with open(os.path.join(self.dir, "data", "admin.key")) as f:
-            self.key = f.read().strip()
+        self.daemon.start()
+        self.port = self.http_port = self.daemon.port
+        self.key = self.daemon.key
+        self.pid = self.daemon.proc.pid
         return self
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def devices(self, names: list[str]) -> None:
+        for name in names:
+            self.daemon.call("PUT", f"/api/v1/devices/{name}", {})
 
-    def put_device(self, identifier: str, **fields: Any) -> None:
-        status, body = http("PUT", self.url(f"/api/v1/devices/{identifier}"), fields, self.key)
-        assert status in (200, 201), body
+    def template(self) -> str:
+        return f"/api/v1/devices/BENCH-%d/packets/socket?auth={self.key}"
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-        self.log.close()
+        self.daemon.stop()
+
+
+class WsPeer:
+    """The minimal asyncio ``websockets`` broadcast server (``--peer``), in its own process."""
+
+    name = "websockets"
+    proto = "ws"
+    key = ""
+
+    def start(self) -> "WsPeer":
+        self.port, self.http_port = free_port(), free_port()
+        self.proc = subprocess.Popen([PY, __file__, "--peer", str(self.port), str(self.http_port)],
+                                     preexec_fn=raise_nofile)
+        wait_port(self.port)
+        wait_port(self.http_port)
+        self.pid = self.proc.pid
+        return self
+
+    def devices(self, names: list[str]) -> None:
+        pass
+
+    def template(self) -> str:
+        return "/api/v1/devices/BENCH-%d/packets/socket"
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class Mosquitto:
+    """Mosquitto 2 on loopback: QoS 0, no persistence, TCP_NODELAY on (its best for latency)."""
+
+    name = "mosquitto"
+    proto = "mqtt"
+    key = ""
+
+    def start(self) -> "Mosquitto":
+        self.port = self.http_port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="iotd-bench-mosquitto-")
+        conf = os.path.join(self.dir, "mosquitto.conf")
+        with open(conf, "w") as f:
+            f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "set_tcp_nodelay true\nmax_connections -1\nmax_queued_messages 0\n"
+                    "log_dest none\n")
+        self.proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, preexec_fn=raise_nofile)
+        wait_port(self.port)
+        self.pid = self.proc.pid
+        return self
+
+    def devices(self, names: list[str]) -> None:
+        pass
+
+    def template(self) -> str:
+        return "bench/BENCH-%d"
+
+    def stop(self) -> None:
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Peer:
-    """The minimal asyncio ``websockets`` broadcast server (``--peer``), in its own process."""
-
-    name = "websockets-asyncio"
-
-    def __init__(self) -> None:
-        self.ws_port = free_port()
-        self.http_port = free_port()
-        self.key = ""
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Peer":
-        self.proc = subprocess.Popen([PY, __file__, "--peer", str(self.ws_port), str(self.http_port)],
-                                     preexec_fn=raise_nofile)
-        wait_port(self.ws_port)
-        wait_port(self.http_port)
-        return self
-
-    def put_device(self, identifier: str, **fields: Any) -> None:
-        pass
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+SERVERS = {"iotd": Iotd, "websockets": WsPeer, "mosquitto": Mosquitto}
 
 
 # -- peer server process -----------------------------------------------------------
@@ -244,176 +280,24 @@ def peer_main(ws_port: int, http_port: int) -> None:
     asyncio.run(main())
 
 
-# -- clients process -------------------------------------------------------------------
-
-
-def _mask(payload: bytes) -> bytes:
-    key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    n = len(payload)
-    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
-    return head + key + masked
-
-
-class WsClient(asyncio.Protocol):
-    """A raw websocket client: handshake, then count frames (or parse them for latency)."""
-
-    def __init__(self, spec: dict, stats: dict, path: str, ready: asyncio.Future):
-        self.spec, self.stats, self.path, self.ready = spec, stats, path, ready
-        self.marker = spec["marker"].encode()
-        self.buf = b""
-        self.upgraded = False
-        self.parse = spec["mode"] == "latency"
-        self.subscribed = spec.get("sub") is None
-        self.transport: Any = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        nonce = base64.b64encode(os.urandom(16)).decode()
-        headers = "".join(f"{k}: {v}\r\n" for k, v in self.spec.get("headers", {}).items())
-        transport.write((f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.spec['port']}\r\n"
-                         "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                         f"Sec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n").encode())
-
-    def data_received(self, data: bytes) -> None:
-        if not self.upgraded:
-            self.buf += data
-            if b"\r\n\r\n" not in self.buf:
-                return
-            head, _, rest = self.buf.partition(b"\r\n\r\n")
-            if b" 101 " not in head.split(b"\r\n", 1)[0]:
-                self.stats["refused"] += 1
-                if not self.ready.done():
-                    self.ready.set_exception(RuntimeError(head.split(b"\r\n", 1)[0].decode()))
-                self.transport.close()
-                return
-            self.upgraded = True
-            self.stats["open"] += 1
-            if self.spec.get("sub") is not None:
-                self.transport.write(_mask(json.dumps(self.spec["sub"]).encode()))
-            elif not self.ready.done():
-                self.ready.set_result(None)
-            self.buf = b""
-            data = rest
-            if not data:
-                return
-        if not self.subscribed:
-            self.buf += data
-            if b"subRet" in self.buf:
-                self.subscribed = True
-                self.buf = b""
-                if not self.ready.done():
-                    self.ready.set_result(None)
-            return
-        if self.parse:
-            self._frames(data)
-        else:
-            chunk = self.buf + data
-            self.stats["frames"] += chunk.count(self.marker)
-            self.buf = chunk[-(len(self.marker) - 1):]
-
-    def _frames(self, data: bytes) -> None:
-        buf = self.buf + data
-        now = time.time()
-        while len(buf) >= 2:
-            opcode, length, offset = buf[0] & 0x0F, buf[1] & 0x7F, 2
-            if length == 126:
-                if len(buf) < 4:
-                    break
-                length, offset = int.from_bytes(buf[2:4], "big"), 4
-            elif length == 127:
-                if len(buf) < 10:
-                    break
-                length, offset = int.from_bytes(buf[2:10], "big"), 10
-            if len(buf) < offset + length:
-                break
-            payload = buf[offset:offset + length]
-            buf = buf[offset + length:]
-            if opcode == 1 and self.marker in payload:
-                for event in json.loads(payload):
-                    self.stats["frames"] += 1
-                    sent = event["body"]["payload"]
-                    self.stats["lat"].append((sent["seq"], now, sent["ts"]))
-        self.buf = buf
-
-    def connection_lost(self, exc) -> None:
-        if self.upgraded:
-            self.stats["open"] -= 1
-            self.stats["lost"] += 1
-
-
-def clients_main(spec: dict) -> None:
-    raise_nofile()
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        stats = {"open": 0, "frames": 0, "refused": 0, "lost": 0, "lat": []}
-        sem = asyncio.Semaphore(spec.get("concurrency", 200))
-        clients: list = []
-
-        async def one(i: int) -> None:
-            path = spec["path"].replace("{i}", str(i % spec.get("spread", 1)))
-            async with sem:
-                ready = loop.create_future()
-                for attempt in range(5):
-                    try:
-                        transport, proto = await loop.create_connection(
-                            lambda: WsClient(spec, stats, path, ready), "127.0.0.1", spec["port"])
-                        break
-                    except OSError:
-                        await asyncio.sleep(0.1 * (attempt + 1))
-                else:
-                    raise RuntimeError("cannot connect")
-                clients.append(proto)
-                await asyncio.wait_for(ready, 30)
-
-        await asyncio.gather(*(one(i) for i in range(spec["n"])))
-        print(f"ready {stats['open']}", flush=True)
-
-        async def keepalive() -> None:  # any client frame keeps both socket kinds alive
-            while True:
-                await asyncio.sleep(20)
-                text = b'{"type":"up.ping"}' if spec.get("sub") else b"ping"
-                for c in clients:
-                    if c.upgraded and not c.transport.is_closing():
-                        c.transport.write(_mask(text))
-
-        task = asyncio.ensure_future(keepalive())
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while True:
-            try:
-                line = await asyncio.wait_for(reader.readline(), 0.25)
-            except asyncio.TimeoutError:
-                line = None
-            if line == b"":
-                break
-            if line and line.strip() == b"reset":
-                stats["frames"], stats["lat"] = 0, []
-            if line and line.strip() == b"report":
-                print("report " + json.dumps({"frames": stats["frames"], "open": stats["open"],
-                                              "lost": stats["lost"], "received": stats["lat"]}), flush=True)
-            if line and line.strip() == b"quit":
-                break
-            if line and line.strip() == b"tick":
-                print(f"count {time.time():.4f} {stats['frames']} {stats['open']}", flush=True)
-        task.cancel()
-        for c in clients:
-            c.transport.abort()
-
-    asyncio.run(main())
+# -- the client program ------------------------------------------------------------------
 
 
 class Clients:
-    """The clients process, driven over stdin/stdout."""
+    """One ``fanclient`` process: ``n`` sockets to ``server``, on ``spread`` devices."""
 
-    def __init__(self, spec: dict):
-        self.proc = subprocess.Popen([PY, __file__, "--clients", json.dumps(spec)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=raise_nofile)
+    def __init__(self, server: Any, n: int, spread_: int = 1, timeout: float = 120.0):
+        self.proc = subprocess.Popen([client_binary(), server.proto, "127.0.0.1", str(server.port), str(n),
+                                      str(spread_), server.template()],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     preexec_fn=raise_nofile)
         self.lines: list[str] = []
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._read, daemon=True).start()
+        _, opened, failed = self.wait_for("ready", timeout).split()
+        self.open, self.failed = int(opened), int(failed)
+        if self.open != n:
+            raise RuntimeError(f"{server.name}: {self.open} of {n} sockets open ({failed} failed)")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -421,7 +305,7 @@ class Clients:
             with self._lock:
                 self.lines.append(line.strip())
 
-    def wait_for(self, prefix: str, timeout: float = 120.0) -> str:
+    def wait_for(self, prefix: str, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
@@ -430,28 +314,32 @@ class Clients:
                         del self.lines[: i + 1]
                         return line
             if self.proc.poll() is not None:
-                raise RuntimeError(f"clients exited {self.proc.returncode}")
-            time.sleep(0.02)
-        raise RuntimeError(f"clients: no {prefix!r} in {timeout} s")
+                raise RuntimeError(f"fanclient exited {self.proc.returncode}")
+            time.sleep(0.005)
+        raise RuntimeError(f"fanclient: no {prefix!r} in {timeout} s")
 
     def send(self, command: str) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
 
-    def count(self) -> tuple[float, int, int]:
+    def count(self) -> tuple[int, int, float]:
+        """(events so far, open sockets, wall time of the last event)."""
         self.send("tick")
-        _, t, frames, open_ = self.wait_for("count").split()
-        return float(t), int(frames), int(open_)
+        _, _, events, opened, last = self.wait_for("count").split()
+        return int(events), int(opened), float(last)
 
     def report(self) -> dict:
         self.send("report")
         return json.loads(self.wait_for("report")[len("report "):])
 
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
     def stop(self) -> None:
         try:
             self.send("quit")
-            self.proc.wait(20)
+            self.proc.wait(10)
         except Exception:
             self.proc.kill()
             self.proc.wait()
@@ -460,22 +348,35 @@ class Clients:
 # -- ingester process ------------------------------------------------------------------
 
 
+def _mqtt_str(s: str) -> bytes:
+    b = s.encode()
+    return len(b).to_bytes(2, "big") + b
+
+
+def _mqtt_len(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        d, n = n % 128, n // 128
+        out.append(d | (128 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 def ingest_main(spec: dict) -> None:
-    """Post packets: closed loop (``rate`` 0, ``batch`` per request) or open loop at ``rate``/s."""
+    """Send events: open loop at ``rate``/s (one per request) or ``total`` as fast as taken
+    (HTTP batches of ``batch``, ``concurrency`` in flight; MQTT one publisher)."""
     raise_nofile()
 
-    async def main() -> None:
-        port, key, devices = spec["port"], spec.get("key", ""), spec["devices"]
+    async def main() -> dict:
+        port, key, devices, pad = spec["port"], spec.get("key", ""), spec["devices"], "x" * spec.get("pad", 64)
+        mqtt = spec["proto"] == "mqtt"
         auth = f"Authorization: Bearer {key}\r\n" if key else ""
-        conns = []
-        for _ in range(spec["concurrency"]):
-            conns.append(await asyncio.open_connection("127.0.0.1", port))
-        deadline = time.monotonic() + spec["duration"]
-        sent = [0]
-        errors = [0]
-        acks: dict[int, float] = {}
+        errors, acks = [0], []
 
-        async def post(conn, device: str, body: Any, seq: int = -1) -> None:
+        def event(seq: int, ts: float) -> dict:
+            return {"payload": {"ts": ts, "seq": seq, "pad": pad}, "payload_encoding": "json"}
+
+        async def http_post(conn, device: str, body: Any) -> None:
             reader, writer = conn
             data = json.dumps(body).encode()
             writer.write((f"POST /api/v1/devices/{device}/packets HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
@@ -502,220 +403,287 @@ def ingest_main(spec: dict) -> None:
                 await reader.readexactly(length)
             if b" 201 " not in status:
                 errors[0] += 1
-            elif seq >= 0:
-                acks[seq] = time.time()
 
-        def packet(seq: int) -> dict:
-            return {"payload": {"ts": time.time(), "seq": seq, "pad": "x" * spec.get("pad", 64)},
-                    "payload_encoding": "json"}
+        if mqtt:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = _mqtt_str("MQTT") + bytes([4, 2, 0, 0]) + _mqtt_str(f"ingest-{os.getpid()}")
+            writer.write(b"\x10" + _mqtt_len(len(body)) + body)
+            await reader.readexactly(4)  # CONNACK
 
-        if spec["rate"] <= 0:
-            async def loop_(conn) -> None:
-                while time.monotonic() < deadline:
-                    items = [packet(sent[0] + i) for i in range(spec["batch"])]
-                    sent[0] += len(items)
-                    await post(conn, devices[0], items if spec["batch"] > 1 else items[0])
+            def publish(device: str, items: list[dict]) -> None:
+                for it in items:  # the same ELEMENT-shaped message iotd and the peer send
+                    msg = json.dumps([{"event": "packet_added", "body": {
+                        "device_id": device, "packet_type": "up", "payload_encoding": "json",
+                        "payload": it["payload"]}}], separators=(",", ":")).encode()
+                    var = _mqtt_str(f"bench/{device}")
+                    writer.write(b"\x30" + _mqtt_len(len(var) + len(msg)) + var + msg)
+        conns = []
+        if not mqtt:
+            for _ in range(spec["concurrency"]):
+                conns.append(await asyncio.open_connection("127.0.0.1", port))
+        first = time.time()
+        sent = 0
+        if spec.get("total"):  # as fast as the server takes them
+            total, batch = spec["total"], spec.get("batch", 20)
+            if mqtt:
+                while sent < total:
+                    items = [event(sent + i, time.time()) for i in range(min(batch, total - sent))]
+                    publish(devices[0], items)
+                    sent += len(items)
+                    await writer.drain()
+            else:
+                async def lane(conn) -> None:
+                    nonlocal sent
+                    while sent < total:
+                        items = [event(sent + i, time.time()) for i in range(min(batch, total - sent))]
+                        sent += len(items)
+                        await http_post(conn, devices[0], items)
 
-            await asyncio.gather(*(loop_(c) for c in conns))
-        else:
+                await asyncio.gather(*(lane(c) for c in conns))
+        else:  # open loop at `rate`
+            rate, duration = spec["rate"], spec["duration"]
+            count = int(rate * duration)
             free: asyncio.Queue = asyncio.Queue()
             for c in conns:
                 free.put_nowait(c)
-            start = time.monotonic()
-            pending = set()
-            seq = 0
+            start, wall = time.monotonic(), time.time()
+            pending: set = set()
 
-            async def one(seq: int) -> None:
+            async def one(seq: int, ts: float) -> None:
                 conn = await free.get()
                 try:
-                    await post(conn, devices[seq % len(devices)], packet(seq), seq)
+                    await http_post(conn, devices[seq % len(devices)], event(seq, ts))
+                    acks.append((time.time() - ts) * 1000)
                 finally:
                     free.put_nowait(conn)
 
-            while time.monotonic() < deadline:
-                due = start + seq / spec["rate"]
-                delay = due - time.monotonic()
+            for seq in range(count):
+                delay = start + seq / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                task = asyncio.ensure_future(one(seq))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-                seq += 1
-            sent[0] = seq
-            await asyncio.gather(*pending)
-        print(json.dumps({"sent": sent[0], "errors": errors[0], "acks": acks}), flush=True)
+                ts = wall + seq / rate  # the due time: waiting for a connection is charged to the server
+                if mqtt:
+                    publish(devices[seq % len(devices)], [event(seq, ts)])
+                else:
+                    task = asyncio.ensure_future(one(seq, ts))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+            sent = count
+            if pending:
+                await asyncio.gather(*pending)
+        if mqtt:
+            await writer.drain()
+            writer.write(b"\xe0\x00")  # DISCONNECT
+            await writer.drain()
+            writer.close()
+        acks.sort()
+        pick = (lambda q: acks[min(len(acks) - 1, int(q * (len(acks) - 1) + 0.5))] if acks else None)
+        return {"sent": sent, "errors": errors[0], "first": first, "ack_p50": pick(0.5), "ack_p99": pick(0.99)}
 
-    asyncio.run(main())
+    print(json.dumps(asyncio.run(main())), flush=True)
 
 
 def run_ingest(spec: dict) -> dict:
     out = subprocess.run([PY, __file__, "--ingest", json.dumps(spec)], capture_output=True, text=True,
-                         timeout=spec["duration"] + 120, preexec_fn=raise_nofile)
+                         timeout=600, preexec_fn=raise_nofile)
     if out.returncode != 0:
         raise RuntimeError("ingester failed: " + out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# -- the phases -----------------------------------------------------------------------------
+# -- the scenarios ------------------------------------------------------------------------
 
 
-def ws_path(server: Any, path: str, query: str = "") -> str:
-    if isinstance(server, Iotd):
-        sep = "&" if "?" in path else "?"
-        return f"{path}{sep}auth={server.key}{query}"
-    return path
+def _wait_delivered(clients: Clients, expected: int, quiet: float = 3.0, limit: float = 300.0) -> None:
+    """Until the clients counted ``expected`` events, or nothing arrived for ``quiet`` seconds."""
+    deadline = time.monotonic() + limit
+    last_n, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n, _, _ = clients.count()
+        if n >= expected:
+            return
+        if n != last_n:
+            last_n, last_change = n, time.monotonic()
+        elif time.monotonic() - last_change > quiet:
+            return
+        time.sleep(0.05)
 
 
-def throughput(server: Any, kind: str, quick: bool) -> dict:
-    """Frames delivered per second to 1,000 sockets with the ingester in a closed loop."""
-    device = "BENCH-0"
-    server.put_device(device, productID="bench", deviceName="d0", projectID="p1")
-    spec: dict[str, Any] = {"port": server.ws_port, "n": IOTD_SOCKETS, "mode": "count"}
-    if kind == "subscribe" and isinstance(server, Iotd):
-        spec.update(path=f"/api/v1/system/common/websocket/connect?token={server.key}", marker='"down.pub"',
-                    sub={"type": "up.sub", "body": {"code": "devicePublish", "params": {"projectID": "p1"}}})
-    else:
-        spec.update(path=ws_path(server, f"/api/v1/devices/{device}/packets/socket"), marker="packet_added")
-    clients = Clients(spec)
+def one_run(server: Any, clients: Clients, spec: dict, fanout: int) -> dict:
+    """One measured run on ``server``: the ingest, then wait for every event at every socket."""
+    clients.send("reset")
+    clients.count()  # the reset is done
+    c0, s0, t0 = clients.cpu(), cpu_seconds(server.pid), time.monotonic()
+    ingest = run_ingest(dict(spec, port=server.http_port, key=server.key, proto=server.proto))
+    expected = ingest["sent"] * fanout
+    _wait_delivered(clients, expected)
+    report = clients.report()
+    t1 = time.monotonic()
+    out = dict(report, sent=ingest["sent"], errors=ingest["errors"], expected=expected,
+               missing=expected - report["events"], ack_p50=ingest["ack_p50"], ack_p99=ingest["ack_p99"],
+               client_cpu=(clients.cpu() - c0) / (t1 - t0), server_cpu=(cpu_seconds(server.pid) - s0) / (t1 - t0))
+    if report["events"]:
+        out["rate"] = report["events"] / max(report["last"] - ingest["first"], 1e-9)
+    return out
+
+
+def start_servers(names: list[str], devices: list[str]) -> dict[str, Any]:
+    """The servers of the fan-out rows, started once and kept (idle) for every scenario."""
+    servers: dict[str, Any] = {}
     try:
-        clients.wait_for("ready")
-        duration = 3.5 if quick else 10.0  # the window starts after a 2.5 s ramp
-        ingest = {"port": server.http_port, "key": server.key, "devices": [device], "rate": 0,
-                  "batch": 20, "concurrency": 2, "duration": duration}
-        result: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda: result.update(run_ingest(ingest)))
-        thread.start()
-        time.sleep(1.5)  # warm up
-        t0, f0, _ = clients.count()
-        time.sleep(duration - 2.5)
-        t1, f1, open_ = clients.count()
-        thread.join()
-        rate = (f1 - f0) / (t1 - t0)
-        return {"rate": rate, "open": open_, "sent": result.get("sent"), "errors": result.get("errors")}
-    finally:
-        clients.stop()
+        for name in names:
+            servers[name] = SERVERS[name]().start()
+            servers[name].devices(devices)
+    except Exception:
+        stop_servers(servers)
+        raise
+    return servers
 
 
-def latency(server: Any, quick: bool) -> dict:
-    """1,000 device sockets on 1,000 devices; 1,000 events/s round-robin; ms send -> frame."""
-    n = IOTD_SOCKETS
-    devices = [f"BENCH-{i}" for i in range(n)]
-    for d in devices:
-        server.put_device(d)
-    spec = {"port": server.ws_port, "n": n, "spread": n, "mode": "latency", "marker": "packet_added",
-            "path": ws_path(server, "/api/v1/devices/BENCH-{i}/packets/socket")}
-    clients = Clients(spec)
+def stop_servers(servers: dict[str, Any]) -> None:
+    for s in servers.values():
+        s.stop()
+
+
+def scenario(servers: dict[str, Any], n: int, spread_: int, spec: dict, fanout: int, reps: int,
+             log: Any) -> dict[str, list[dict]]:
+    """``n`` sockets to every server (on ``spread_`` devices); ``reps`` alternating runs each."""
+    names = list(servers)
+    clients: dict[str, Clients] = {}
+    spec = dict(spec, devices=[f"BENCH-{i}" for i in range(spread_)])
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     try:
-        clients.wait_for("ready")
-        duration = 3.0 if quick else 10.0
-        ingest = {"port": server.http_port, "key": server.key, "devices": devices, "rate": 1000,
-                  "batch": 1, "concurrency": 16, "duration": duration}
-        result: dict[str, Any] = {}
-        thread = threading.Thread(target=lambda: result.update(run_ingest(ingest)))
-        thread.start()
-        time.sleep(1.0)
-        clients.send("reset")  # measure after a second of warm-up
-        thread.join()
-        time.sleep(0.5)
-        report = clients.report()
-        acks = {int(k): v for k, v in result["acks"].items()}
-        # from the ingest acknowledged to the frame received (0 when the frame came first),
-        # and from the ingest request sent (the timestamp in the payload) to the frame received
-        from_ack = [max(0.0, now - acks[seq]) * 1000 for seq, now, _ in report["received"] if seq in acks]
-        from_send = [(now - sent) * 1000 for _, now, sent in report["received"]]
-        return {"frames": len(report["received"]), "open": report["open"], "lost": report["lost"],
-                "sent": result.get("sent"), "errors": result.get("errors"),
-                "p50": percentile(from_ack, 0.5), "p99": percentile(from_ack, 0.99),
-                "send_p50": percentile(from_send, 0.5), "send_p99": percentile(from_send, 0.99)}
+        for name in names:
+            clients[name] = Clients(servers[name], n, spread_)
+        for i in range(reps):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                r = one_run(servers[name], clients[name], spec, fanout)
+                log(f"  {name}: p50 {r['p50']:.1f} p99 {r['p99']:.1f} max {r['max']:.1f} ms, "
+                    f"{r['events']}/{r['expected']} events, {r.get('rate', 0):,.0f}/s, "
+                    f"client {r['client_cpu']:.2f} cores, server {r['server_cpu']:.2f}, ack p99 {r['ack_p99']}")
+                runs[name].append(r)
     finally:
-        clients.stop()
+        for c in clients.values():
+            c.stop()
+    return runs
 
 
-def idle_rss(quick: bool) -> dict:
-    n = 10000
+def _m(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return round(median(vals), 3) if vals else None
+
+
+def _target(row: dict, key: str, op: str, bound: float, what: str, log: Any) -> None:
+    value = row.get(key)
+    ok = value is not None and (value >= bound if op == ">=" else value <= bound)
+    row.setdefault("targets", []).append(f"{what} {op} {bound:g}: {'pass' if ok else 'FAIL'} ({value})")
+    log(f"  target {row['name']}: {what} {op} {bound:g} -> {value} {'pass' if ok else 'FAIL'}")
+
+
+def latency_row(name: str, runs: dict[str, list[dict]], log: Any, **extra: Any) -> dict:
+    iotd = runs["iotd"]
+    peers = {p: r for p, r in runs.items() if p != "iotd"}
+    p99 = _m(iotd, "p99")
+    best = min(peers, key=lambda p: _m(peers[p], "p99") or float("inf")) if peers else None
+    row: dict[str, Any] = {
+        "name": name, "unit": "ms", "iotd": p99, "peer_name": best, "peer": _m(peers[best], "p99") if best else None,
+        "ratio": round(_m(peers[best], "p99") / p99, 3) if best and p99 else None,
+        "spread": spread([r["p99"] for r in iotd]), "runs": len(iotd),
+        "p50": _m(iotd, "p50"), "max": _m(iotd, "max"), "ack_p50": _m(iotd, "ack_p50"), "ack_p99": _m(iotd, "ack_p99"),
+        "missing": sum(r["missing"] for r in iotd), "errors": sum(r["errors"] for r in iotd),
+        "client_cpu": _m(iotd, "client_cpu"), "server_cpu": _m(iotd, "server_cpu"),
+    }
+    for p, pr in peers.items():
+        row[f"{p}_p99"], row[f"{p}_p50"], row[f"{p}_max"] = _m(pr, "p99"), _m(pr, "p50"), _m(pr, "max")
+        row[f"{p}_spread"] = spread([r["p99"] for r in pr])
+        row[f"{p}_missing"] = sum(r["missing"] for r in pr)
+        row[f"{p}_client_cpu"] = _m(pr, "client_cpu")
+        row[f"{p}_ratio"] = round(_m(pr, "p99") / p99, 3) if p99 else None
+    row.update(extra)
+    return row
+
+
+def idle_rss(n: int) -> dict:
     server = Iotd().start()
     try:
-        server.put_device("BENCH-0")
-        base = rss_mb(server.proc.pid)
-        clients = Clients({"port": server.ws_port, "n": n, "mode": "idle", "marker": "packet_added",
-                           "concurrency": 100, "path": ws_path(server, "/api/v1/devices/BENCH-0/packets/socket")})
+        server.devices(["BENCH-0"])
+        base = rss_mb(server.pid)
+        clients = Clients(server, n, 1, timeout=300)
         try:
-            line = clients.wait_for("ready", timeout=300)
             time.sleep(1.0)
-            rss = rss_mb(server.proc.pid)
-            return {"rss": rss, "base": base, "open": int(line.split()[1]), "n": n}
+            return {"rss": rss_mb(server.pid), "base": base, "open": clients.open}
         finally:
             clients.stop()
     finally:
         server.stop()
 
 
-def with_server(cls: type, fn, *args):
-    server = cls().start()
-    try:
-        return fn(server, *args)
-    finally:
-        server.stop()
-
-
-def _spread(runs: list[dict]) -> str:
-    return f"{min(r['rate'] for r in runs):.0f}-{max(r['rate'] for r in runs):.0f}"
-
-
-def fanout_rounds(quick: bool, pg_url: str | None) -> dict[str, list[dict]]:
-    """``fanout_1000`` on iotd (SQLite), iotd (PostgreSQL, when reachable) and the peer, alternating,
-    3 rounds (1 with ``--quick``); each run on a fresh server with the same work."""
-    runs: dict[str, list[dict]] = {"sqlite": [], "postgresql": [], "peer": []}
-    for _ in range(1 if quick else 3):
-        runs["sqlite"].append(with_server(Iotd, throughput, "element", quick))
-        if pg_url:
-            with pg_database() as url:  # a fresh database per run, as the SQLite runs get a fresh file
-                runs["postgresql"].append(with_server(lambda: Iotd(url), throughput, "element", quick))
-        runs["peer"].append(with_server(Peer, throughput, "element", quick))
-    return runs
-
-
 def run(quick: bool = False) -> list[dict]:
     raise_nofile()
+    reps = 3
+    names = ["iotd", "websockets"] + (["mosquitto"] if shutil.which("mosquitto") else [])
+    stamp = {"machine": machine(), "date": today()}
     rows = []
-    with pg_database() as probe:  # is PostgreSQL there at all?
-        pg_url = probe
-    runs = fanout_rounds(quick, pg_url)
-    iotd = {"rate": median(r["rate"] for r in runs["sqlite"]), "open": runs["sqlite"][-1]["open"],
-            "sent": runs["sqlite"][-1]["sent"]}
-    peer = {"rate": median(r["rate"] for r in runs["peer"]), "sent": runs["peer"][-1]["sent"]}
-    iotd_sub = with_server(Iotd, throughput, "subscribe", quick)
-    peer = with_server(Peer, throughput, "element", quick)
-    rows.append({"name": "fanout_1000", "unit": "events/s", "iotd": round(iotd["rate"]),
-                 "peer_name": Peer.name, "peer": round(peer["rate"]),
-                 "ratio": round(iotd["rate"] / peer["rate"], 3) if peer["rate"] else None,
-                 "open": iotd["open"], "ingested": iotd["sent"], "peer_ingested": peer["sent"],
-                 "runs": len(runs["sqlite"]), "spread": _spread(runs["sqlite"]), "peer_spread": _spread(runs["peer"])})
-    if runs["postgresql"]:
-        pg = median(r["rate"] for r in runs["postgresql"])
-        rows.append({"name": "fanout_1000_postgresql", "unit": "events/s", "iotd": round(pg),
-                     "peer_name": "iotd on SQLite", "peer": round(iotd["rate"]),
-                     "ratio": round(pg / iotd["rate"], 3) if iotd["rate"] else None,
-                     "runs": len(runs["postgresql"]), "spread": _spread(runs["postgresql"]),
-                     "open": runs["postgresql"][-1]["open"]})
-    rows.append({"name": "fanout_subscribe_1000", "unit": "events/s", "iotd": round(iotd_sub["rate"]),
-                 "peer_name": Peer.name, "peer": round(peer["rate"]),
-                 "ratio": round(iotd_sub["rate"] / peer["rate"], 3) if peer["rate"] else None,
-                 "open": iotd_sub["open"], "ingested": iotd_sub["sent"]})
-    lat = with_server(Iotd, latency, quick)
-    peer_lat = with_server(Peer, latency, quick)
-    rows.append({"name": "fanout_latency_p99", "unit": "ms", "iotd": round(lat["p99"], 3),
-                 "peer_name": Peer.name, "peer": round(peer_lat["p99"], 3),
-                 "ratio": round(peer_lat["p99"] / lat["p99"], 3) if lat["p99"] else None,
-                 "p50": round(lat["p50"], 3), "peer_p50": round(peer_lat["p50"], 3),
-                 # from the ingest request sent (timestamp in the payload), ingest included
-                 "send_p50": round(lat["send_p50"], 2), "send_p99": round(lat["send_p99"], 2),
-                 "peer_send_p99": round(peer_lat["send_p99"], 2),
-                 "frames": lat["frames"], "ingested": lat["sent"]})
-    idle = idle_rss(quick)
-    rows.append({"name": "idle_sockets_10000_rss_mb", "unit": "MB", "iotd": round(idle["rss"], 1),
-                 "peer_name": "none", "peer": None, "ratio": round(500 / idle["rss"], 3),
-                 "open": idle["open"], "base_mb": round(idle["base"], 1)})
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    seconds = 1.0 if quick else 10.0
+    servers = start_servers(names, [f"BENCH-{i}" for i in range(SOCKETS)])
+    try:
+        rows += latency_rows(servers, names, seconds, 100 if quick else 5000, reps, stamp, log)
+    finally:
+        stop_servers(servers)
+    idle = idle_rss(10000)
+    row = {"name": "idle_sockets_10000_rss_mb", "unit": "MB", "iotd": round(idle["rss"], 1),
+           "peer_name": "target 300 MB", "peer": 300.0, "ratio": round(300 / idle["rss"], 3),
+           "open": idle["open"], "base_mb": round(idle["base"], 1), **stamp}
+    _target(row, "iotd", "<=", 300, "MB", log)
+    rows.append(row)
+    return rows
+
+
+def latency_rows(servers: dict[str, Any], names: list[str], seconds: float, total: int, reps: int,
+                 stamp: dict, log: Any) -> list[dict]:
+    rows = []
+    log(f"fanout_send_p99_100x1000: {SOCKETS} sockets on one device, 100 events/s for {seconds:g} s")
+    runs = scenario(servers, SOCKETS, 1, {"rate": 100, "duration": seconds, "concurrency": 64}, SOCKETS, reps, log)
+    row = latency_row("fanout_send_p99_100x1000", runs, log, events_per_run=int(100 * seconds), sockets=SOCKETS,
+                      note="device send (the due time of an open-loop schedule) -> client frame", **stamp)
+    _target(row, "iotd", "<=", 50, "p99 ms", log)
+    for p in names[1:]:
+        _target(row, f"{p}_ratio", ">=", 10, f"x better than {p}", log)
+    rows.append(row)
+
+    log(f"fanout_send_p99_1000x1: {SOCKETS} devices x 1 socket, 1,000 events/s round-robin for {seconds:g} s")
+    runs = scenario(servers, SOCKETS, SOCKETS, {"rate": 1000, "duration": seconds, "concurrency": 64}, 1, reps, log)
+    row = latency_row("fanout_send_p99_1000x1", runs, log, events_per_run=int(1000 * seconds), sockets=SOCKETS,
+                      **stamp)
+    _target(row, "iotd", "<=", 20, "p99 ms", log)
+    rows.append(row)
+
+    log(f"fanout_equal_work: {total} events to {SOCKETS} sockets on one device")
+    runs = scenario(servers, SOCKETS, 1, {"total": total, "batch": 20, "concurrency": 2}, SOCKETS, reps, log)
+    iotd = runs["iotd"]
+    row = {"name": "fanout_equal_work", "unit": "events/s", "iotd": round(_m(iotd, "rate") or 0),
+           "peer_name": "websockets", "peer": round(_m(runs["websockets"], "rate") or 0),
+           "spread": spread([r.get("rate", 0) for r in iotd], 0), "runs": len(iotd), "events": total,
+           "sockets": SOCKETS, "missing": sum(r["missing"] for r in iotd),
+           "client_cpu": _m(iotd, "client_cpu"), "server_cpu": _m(iotd, "server_cpu")}
+    row["ratio"] = round(row["iotd"] / row["peer"], 3) if row["peer"] else None
+    for p in names[1:]:
+        pr = runs[p]
+        row[f"{p}_rate"] = round(_m(pr, "rate") or 0)
+        row[f"{p}_spread"] = spread([r.get("rate", 0) for r in pr], 0)
+        row[f"{p}_missing"] = sum(r["missing"] for r in pr)
+        row[f"{p}_client_cpu"] = _m(pr, "client_cpu")
+        row[f"{p}_ratio"] = round(row["iotd"] / row[f"{p}_rate"], 3) if row[f"{p}_rate"] else None
+    row.update(stamp)
+    _target(row, "websockets_ratio", ">=", 1.5, "x websockets", log)
+    if "mosquitto" in runs:
+        _target(row, "mosquitto_ratio", ">=", 1.0, "x mosquitto", log)
+    rows.append(row)
     return rows
 
 
@@ -724,26 +692,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="merge the rows into this results file")
     parser.add_argument("--peer", nargs=2, type=int, metavar=("WS_PORT", "HTTP_PORT"), help=argparse.SUPPRESS)
-    parser.add_argument("--clients", help=argparse.SUPPRESS)
     parser.add_argument("--ingest", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peer:
         raise_nofile()
         peer_main(*args.peer)
         return
-    if args.clients:
-        clients_main(json.loads(args.clients))
-        return
     if args.ingest:
         ingest_main(json.loads(args.ingest))
         return
     rows = run(args.quick)
     print_table(rows)
-    if args.json and merge_results is not None:
+    if args.json:
         merge_results(args.json, rows)
-    elif args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 
-from _common import median
+from _common import machine, median, today
 from iotd.store import open_sync
 from iotd.web.history import _read
 from iotd.web.history_query import Window
@@ -66,14 +66,15 @@ def time_pages(path: str, count: int, rounds: int) -> dict[str, float]:
 
 
 def run(quick: bool) -> list[dict]:
-    big = 100_000 if quick else 1_000_000
+    big = 20_000 if quick else 1_000_000
     rounds = 5 if quick else 30
     with tempfile.TemporaryDirectory() as tmp:
         small_path, big_path = os.path.join(tmp, "small.sqlite3"), os.path.join(tmp, "big.sqlite3")
         fill(small_path, 10_000)
         fill(big_path, big)
         small, large = time_pages(small_path, 10_000, rounds), time_pages(big_path, big, rounds)
-    label = "1M" if not quick else "100k"
+    label = "1M" if not quick else "20k"
     return [{"name": f"history page of 100 ({name}, {label} events)", "unit": "ms", "iotd": large[name],
              "peer_name": "same page, 10k events", "peer": small[name],
-             "ratio": large[name] / small[name] if small[name] else None} for name in CASES]
+             "ratio": large[name] / small[name] if small[name] else None,
+             "machine": machine(), "date": today()} for name in CASES]

@@ -1,30 +1,39 @@
-"""DeviceLink relay benchmark: iotd side by side with socat, on loopback, in one run.
+"""DeviceLink relay benchmark: the real ``twistd iotd`` next to haproxy, socat and direct loopback.
 
-Every party is its own process, started from this file with ``--role``:
+Every party is its own process:
 
-- ``device``: the devices -- a TCP sink (answers a FIN with the byte count
-  it got), a TCP echo and a UDP sink; plain blocking sockets, a thread per
-  connection.  Control over its stdin/stdout.
-- ``relay``: the relay under test -- a ``LinkManager`` on the epoll reactor
-  with N links to one device port; prints the link ports, runs until its
-  stdin closes.  The peer is ``socat`` (``TCP-LISTEN:p,reuseaddr,fork
-  TCP:127.0.0.1:dev`` and ``UDP-LISTEN:p,reuseaddr UDP:127.0.0.1:dev``: one
-  UDP session, no fork per datagram).
-- ``gen-tcp`` / ``gen-udp`` / ``ping``: load generators with blocking sockets.
+- ``device`` (this file, ``--role device``): the devices -- a TCP sink
+  (answers a FIN with the byte count it got), a TCP counter (a length, then
+  that many bytes), a TCP echo and a UDP sink; blocking sockets, a thread per
+  connection.
+- the relays under test: ``twistd iotd`` from this checkout (links created
+  over REST, ``POST /api/v1/devicelink/BENCH``), once with splice (the
+  default) and once with ``IOTD_RELAY_SPLICE=off`` (the userspace path), both
+  started once and kept for the whole bench; the peers, with the same buffer
+  size as iotd's 128 KiB: haproxy (``mode tcp``, ``tune.bufsize 131072``,
+  ``nbthread 1``) and socat (``-b 131072``, a process per connection); and
+  the client dialling the device directly (the loopback limit).
+- ``gen-tcp`` / ``gen-udp`` / ``gen-bulk`` / ``ping``: load generators with
+  blocking sockets (one thread per TCP connection).
 
-Measurements (each run >= 3 times, alternating iotd and peer, medians reported):
+Measurements (each party >= 3 times, the parties alternating and rotating
+who goes first; medians, with min-max as ``spread``):
 
-- TCP bulk throughput client -> device, 1 and 8 concurrent links, MB/s
-  (10^6 bytes/s) counted by the sink.  AES rows decrypt client -> device and
-  are compared with iotd plain.
-- UDP datagrams/s delivered to the sink at saturation (the generator sends
-  as fast as it can), with the loss.
-- A TCP link over a websocket on the HTTP port, next to the same link's port:
-  1 link, the same bytes (a length header, then that many bytes, answered by
-  the device's count) through the link's websocket and through its port, MB/s
-  (row ``relay_ws_tcp_1``, peer ``iotd port``).
-- Added latency: TCP ping-pong of 64 bytes through the relay minus direct to
-  the echo device, p50 and p99; the ratio is peer/iotd (lower is better).
+- ``relay_tcp_1``, ``relay_tcp_8``: client -> device bulk Gbit/s (10^9 bit/s
+  counted by the sink) over 1 and 8 concurrent links; ``iotd`` is the
+  spliced daemon, the peer haproxy; ``socat``, ``direct`` and
+  ``limit_ratio`` (iotd / direct) in the same row.  ``relay_tcp_1_nosplice``
+  and ``relay_tcp_8_nosplice``: the daemon with splice off, same peers.
+- ``relay_tcp_aes_1``: an encrypted link (AES-256-CTR, decrypted on the way
+  to the device) against a plain link on the same userspace path.
+- ``relay_ws_tcp_1``: one link used over its websocket on the HTTP port next
+  to its own port (splice off for both: the websocket side never splices).
+- ``relay_udp_64``, ``relay_udp_1200``: datagrams/s delivered to the sink,
+  at saturation (the generator sends as fast as it can) with the loss, and at
+  a fixed offered rate below loss (``fixed_rate``; delivered and loss there).
+- ``relay_latency_p99``: 64-byte TCP ping-pong through the relay minus the
+  same ping direct to the echo device, p99 (and p50), in us; ratio =
+  peer/iotd (lower is better).
 
 ``run(quick)`` returns the rows; ``python bench/relay.py [--quick] [--json PATH]``
 prints the table and merges the rows into PATH.
@@ -33,7 +42,6 @@ prints the table and merges the rows into PATH.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import shutil
@@ -41,22 +49,22 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-try:
-    from bench._common import median, merge_results, print_table
-except ImportError:  # run as a script: bench/ is on sys.path
-    from _common import median, merge_results, print_table  # type: ignore[no-redef]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import Daemon, daemon_env, http, machine, median, merge_results, print_table, spread, today  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
 LOOPBACK = "127.0.0.1"
 AES_KEY = bytes(range(32))
 AES_IV = bytes(range(16))
+BUFFER = 131072  # every relay's buffer: iotd reads and queues 128 KiB
 
 
 # --------------------------------------------------------------------------------------
@@ -172,65 +180,6 @@ def role_device(_: argparse.Namespace) -> None:
     for line in sys.stdin:
         if line.strip() == "udp":
             print(json.dumps(udp.reset()), flush=True)
-
-
-def role_relay(args: argparse.Namespace) -> None:
-    from twisted.internet import epollreactor
-
-    epollreactor.install()
-    from twisted.internet import reactor, stdio
-    from twisted.internet.protocol import Protocol
-
-    sys.path.insert(0, str(ROOT))
-    from iotd.relay.links import LinkManager
-
-    base = args.base_port
-    # The bench's devices are on loopback, which links refuse unless allowed explicitly.
-    manager = LinkManager(reactor, LOOPBACK, (base, base + 199), max_links=200, unused_ttl=600,
-                          device_networks=(ipaddress.ip_network("127.0.0.0/8"),))
-    key = bytes.fromhex(args.key) if args.key else None
-    iv = bytes.fromhex(args.iv) if args.iv else None
-    ports = []
-    for _ in range(args.links):
-        link = manager.open(
-            tenant="bench",
-            device="BENCH",
-            protocol=args.protocol,
-            device_host=LOOPBACK,
-            device_port=args.device_port,
-            timeout_ms=0,
-            source=None,
-            key=key,
-            iv=iv,
-        )
-        ports.append(link.port)
-
-    class Control(Protocol):
-        def connectionLost(self, reason: Any = None) -> None:
-            manager.close_all().addBoth(lambda _: reactor.stop())
-
-    out: dict[str, Any] = {"ports": ports}
-    if args.ws:  # an HTTP site whose /link/<i> is link i's websocket (what iotd's route does)
-        from twisted.web.resource import Resource
-        from twisted.web.server import Site
-
-        from iotd.relay.ws_side import WebSocketSide, socket_factory, upgrade
-
-        links = manager.all_links()
-        factory = socket_factory(reactor)
-
-        class LinkSocket(Resource):
-            isLeaf = True
-
-            def render_GET(self, request: Any) -> Any:
-                link = links[int(request.postpath[-1])]
-                side = link.relay.accept_websocket(request.getClientAddress(), WebSocketSide)
-                return upgrade(factory, side).render(request)
-
-        out["http"] = reactor.listenTCP(0, Site(LinkSocket()), interface=LOOPBACK).getHost().port
-    stdio.StandardIO(Control())
-    print(json.dumps(out), flush=True)
-    reactor.run()
 
 
 def role_gen_tcp(args: argparse.Namespace) -> None:
@@ -365,15 +314,23 @@ def role_gen_udp(args: argparse.Namespace) -> None:
     send = s.send
     sent = 0
     clock = time.perf_counter
-    deadline = clock() + args.seconds
-    while clock() < deadline:
-        for _ in range(256):
+    t0 = clock()
+    deadline = t0 + args.seconds
+    burst = 256 if args.rate <= 0 else max(1, int(args.rate / 2000))  # paced: bursts every 0.5 ms
+    while True:
+        now = clock()
+        if now >= deadline:
+            break
+        if args.rate > 0 and sent >= (now - t0) * args.rate:
+            time.sleep(0.0002)
+            continue
+        for _ in range(burst):
             try:
                 send(payload)
                 sent += 1
             except OSError:  # ECONNREFUSED from an ICMP error, ENOBUFS: not sent
                 pass
-    print(json.dumps({"sent": sent}), flush=True)
+    print(json.dumps({"sent": sent, "seconds": clock() - t0}), flush=True)
 
 
 def role_ping(args: argparse.Namespace) -> None:
@@ -409,20 +366,9 @@ def role_ping(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 def _child(role: str, *argv: str, stdin: int | None = subprocess.PIPE) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(HERE), "--role", role, *argv],
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
+    return subprocess.Popen([sys.executable, str(HERE), "--role", role, *argv], stdin=stdin,
+                            stdout=subprocess.PIPE, text=True, env=daemon_env())
 
 
 def _json_line(proc: subprocess.Popen[str]) -> Any:
@@ -484,93 +430,146 @@ def _free_port(protocol: str) -> int:
         return int(s.getsockname()[1])
 
 
-_base_port = [21000]
+class IotdRelay:
+    """One ``twistd iotd`` for the whole bench; ``links(...)`` opens links over REST."""
+
+    def __init__(self, splice: bool) -> None:
+        self.splice = splice
+        self.name = "iotd" if splice else "iotd (no splice)"
+        base = 41000 if splice else 41200
+        ini = ("[push]\nenabled = false\n"
+               "[devicelink]\ninterface = 127.0.0.1\nallowed_device_networks = 127.0.0.0/8\n"
+               f"port_range = {base}-{base + 150}\nmax_links = 100\nunused_ttl = 600\n")
+        self.daemon = Daemon(ini, env={"IOTD_RELAY_SPLICE": "auto" if splice else "off"},
+                             name="relay").start()
+        self.daemon.call("PUT", "/api/v1/devices/BENCH", {"host": LOOPBACK})
+
+    @contextmanager
+    def links(self, protocol: str, device_port: int, n: int, aes: bool = False) -> Iterator[Any]:
+        body: dict[str, Any] = {"protocol": protocol, "devicePort": device_port, "timeout": 0}
+        if aes:
+            body["encrypt"] = {"key": AES_KEY.hex(), "initializationVector": AES_IV.hex()}
+        made = [self.daemon.call("POST", "/api/v1/devicelink/BENCH", body) for _ in range(n)]
+        try:
+            yield made
+        finally:
+            for link in made:  # a link whose both ends closed is gone already (404)
+                http("DELETE", self.daemon.url(f"/api/v1/devicelink/{link['token']}"), key=self.daemon.key)
+
+    @contextmanager
+    def __call__(self, protocol: str, device_port: int, n: int, aes: bool = False) -> Iterator[list[int]]:
+        with self.links(protocol, device_port, n, aes) as made:
+            yield [link["port"] for link in made]
+
+    def stop(self) -> None:
+        self.daemon.stop()
 
 
-@contextmanager
-def iotd_relay(protocol: str, device_port: int, links: int, aes: bool = False,
-               ws: bool = False) -> Iterator[Any]:
-    """A relay process with ``links`` links to ``device_port``; yields their ports
-    (with ``ws``: ``(ports, http_port)``, link i's websocket is ``/link/i`` there)."""
-    _base_port[0] = 21000 + (_base_port[0] - 21000 + 200) % 8000  # fresh ports every run
-    argv = ["--protocol", protocol, "--device-port", str(device_port), "--links", str(links)]
-    argv += ["--base-port", str(_base_port[0])]
-    if aes:
-        argv += ["--key", AES_KEY.hex(), "--iv", AES_IV.hex()]
-    if ws:
-        argv += ["--ws"]
-    proc = _child("relay", *argv)
+def _wait_listening(proc: subprocess.Popen[Any], port: int, protocol: str, what: str) -> None:
+    deadline = time.monotonic() + 5
+    while not _listening(port, protocol):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{what} did not start listening")
+        time.sleep(0.01)
+
+
+def _end(proc: subprocess.Popen[Any]) -> None:
+    proc.terminate()
     try:
-        out = _json_line(proc)
-        yield (list(out["ports"]), out["http"]) if ws else list(out["ports"])
-    finally:
-        _stop(proc)
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextmanager
-def socat_relay(protocol: str, device_port: int, links: int) -> Iterator[list[int]]:
-    """socat relaying one port to ``device_port``; yields that port ``links`` times."""
+def socat_relay(protocol: str, device_port: int, links: int, aes: bool = False) -> Iterator[list[int]]:
+    """socat relaying one port to ``device_port`` with 128 KiB buffers; yields that port ``links`` times."""
     port = _free_port(protocol)
     if protocol == "tcp":
         spec = [f"TCP-LISTEN:{port},bind={LOOPBACK},reuseaddr,fork", f"TCP:{LOOPBACK}:{device_port}"]
     else:
         spec = [f"UDP-LISTEN:{port},bind={LOOPBACK},reuseaddr", f"UDP:{LOOPBACK}:{device_port}"]
-    proc = subprocess.Popen(["socat", *spec], stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(["socat", "-b", str(BUFFER), *spec], stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 5
-        while not _listening(port, protocol):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("socat did not start listening")
-            time.sleep(0.01)
+        _wait_listening(proc, port, protocol, "socat")
         yield [port] * links
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _end(proc)
+
+
+@contextmanager
+def haproxy_relay(protocol: str, device_port: int, links: int, aes: bool = False) -> Iterator[list[int]]:
+    """haproxy ``mode tcp`` (one thread, 128 KiB buffers) relaying one port to ``device_port``."""
+    assert protocol == "tcp"
+    port = _free_port("tcp")
+    conf = (f"global\n  nbthread 1\n  tune.bufsize {BUFFER}\n  maxconn 1000\n"
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
+            f"frontend f\n  bind {LOOPBACK}:{port}\n  default_backend b\n"
+            f"backend b\n  server device {LOOPBACK}:{device_port}\n")
+    fd, path = tempfile.mkstemp(prefix="iotd-bench-haproxy-", suffix=".cfg")
+    with os.fdopen(fd, "w") as f:
+        f.write(conf)
+    proc = subprocess.Popen(["haproxy", "-db", "-f", path], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(proc, port, "tcp", "haproxy")
+        yield [port] * links
+    finally:
+        _end(proc)
+        os.unlink(path)
+
+
+@contextmanager
+def direct(protocol: str, device_port: int, links: int, aes: bool = False) -> Iterator[list[int]]:
+    """No relay: the client dials the device itself (the loopback limit)."""
+    yield [device_port] * links
 
 
 Relay = Callable[..., Any]
 
 
 def tcp_throughput(relay: Relay, device: Device, links: int, seconds: float, aes: bool = False) -> float:
-    """Client -> device bulk MB/s over ``links`` links.  With ``aes`` the client
-    sends random bytes (what it would send encrypted); the relay decrypts them."""
-    kw: dict[str, Any] = {"aes": True} if aes else {}
+    """Client -> device bulk Gbit/s over ``links`` links.  With ``aes`` the client sends random
+    bytes (what it would send encrypted); the relay decrypts them."""
     argv = ["--ports", "", "--seconds", str(seconds)]
     if aes:
         argv += ["--key", AES_KEY.hex(), "--iv", AES_IV.hex()]
-    with relay("tcp", device.ports["tcp_sink"], links, **kw) as ports:
+    with relay("tcp", device.ports["tcp_sink"], links, aes=aes) as ports:
         argv[1] = ",".join(map(str, ports))
         out = _run_child("gen-tcp", *argv)
-    return float(out["bytes"]) / out["seconds"] / 1e6
+    return float(out["bytes"]) * 8 / out["seconds"] / 1e9
 
 
-def link_bulk(device: Device, transport: str, total: int) -> float:
-    """MB/s of ``total`` bytes client -> device through one iotd link's port or websocket."""
-    with iotd_relay("tcp", device.ports["tcp_counter"], 1, ws=True) as (ports, http):
+def link_bulk(iotd: IotdRelay, device: Device, transport: str, total: int) -> float:
+    """Gbit/s of ``total`` bytes client -> device through one link's port or its websocket."""
+    with iotd.links("tcp", device.ports["tcp_counter"], 1) as (link,):
         if transport == "ws":
-            argv = ["--transport", "ws", "--port", str(http), "--path", "/link/0"]
+            argv = ["--transport", "ws", "--port", str(iotd.daemon.port),
+                    "--path", f"/api/v1/devicelink/{link['token']}/socket"]
         else:
-            argv = ["--transport", "port", "--port", str(ports[0])]
+            argv = ["--transport", "port", "--port", str(link["port"])]
         out = _run_child("gen-bulk", *argv, "--count", str(total))
     if out["bytes"] != total:
         raise RuntimeError(f"{transport}: the device counted {out['bytes']} of {total} bytes")
-    return float(out["bytes"]) / out["seconds"] / 1e6
+    return float(out["bytes"]) * 8 / out["seconds"] / 1e9
 
 
-def udp_rate(relay: Relay, device: Device, size: int, seconds: float) -> tuple[float, float]:
+def udp_rate(relay: Relay, device: Device, size: int, seconds: float, rate: float = 0.0) -> tuple[float, float]:
+    """(delivered datagrams/s, loss) of ``size``-byte datagrams sent as fast as possible, or at ``rate``/s."""
     with relay("udp", device.ports["udp_sink"], 1) as ports:
         device.udp_stats()  # reset
-        out = _run_child("gen-udp", "--port", str(ports[0]), "--size", str(size), "--seconds", str(seconds))
+        out = _run_child("gen-udp", "--port", str(ports[0]), "--size", str(size), "--seconds", str(seconds),
+                         "--rate", str(rate))
         time.sleep(0.3)  # let the relay drain its socket buffer into the sink
         st = device.udp_stats()
-    span = (st["last"] - st["first"]) if st["count"] > 1 else seconds
-    rate = st["count"] / max(span, 1e-9)
+    if rate > 0:  # the offered window, not the delivery span (a paced sender's span is the window)
+        delivered = st["count"] / max(out["seconds"], 1e-9)
+    else:
+        span = (st["last"] - st["first"]) if st["count"] > 1 else seconds
+        delivered = st["count"] / max(span, 1e-9)
     loss = 1.0 - st["count"] / max(out["sent"], 1)
-    return rate, loss
+    return delivered, loss
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -584,132 +583,143 @@ def added_latency(relay: Relay, device: Device, count: int) -> tuple[float, floa
     echo = device.ports["tcp_echo"]
     with relay("tcp", echo, 1) as ports:
         argv = ["--ports", f"{echo},{ports[0]}", "--count", str(count), "--size", "64"]
-        direct, relayed = _run_child("ping", *argv)
-    d50, d99 = _percentile(direct, 0.50), _percentile(direct, 0.99)
+        direct_, relayed = _run_child("ping", *argv)
+    d50, d99 = _percentile(direct_, 0.50), _percentile(direct_, 0.99)
     return _percentile(relayed, 0.50) - d50, _percentile(relayed, 0.99) - d99, d50, d99
 
 
-def _socat_available() -> bool:
-    if shutil.which("socat"):
+def _have(tool: str) -> bool:
+    if shutil.which(tool):
         return True
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        print("socat missing: trying apt-get install -y socat", file=sys.stderr)
-        subprocess.run(["apt-get", "install", "-y", "socat"], capture_output=True)
-        if not shutil.which("socat"):
-            subprocess.run(["apt-get", "update"], capture_output=True)
-            subprocess.run(["apt-get", "install", "-y", "socat"], capture_output=True)
-    if shutil.which("socat"):
-        return True
-    print("socat is not installed and could not be installed: peer columns skipped", file=sys.stderr)
+    print(f"{tool} is not installed: its peer column is left out", file=sys.stderr)
     return False
 
 
-def _row(name: str, unit: str, iotd: float, peer_name: str, peer: float | None, lower_is_better: bool = False, **extra: Any) -> dict[str, Any]:
-    if peer is None:
+def _alternate(reps: int, parties: dict[str, Callable[[], Any] | None]) -> dict[str, list[Any]]:
+    """Run every party ``reps`` times, one after the other, rotating who goes first each round."""
+    names = [n for n, f in parties.items() if f is not None]
+    out: dict[str, list[Any]] = {n: [] for n in names}
+    for i in range(reps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            out[name].append(parties[name]())  # type: ignore[misc]
+    return out
+
+
+def _r(v: float | None, digits: int = 3) -> float | None:
+    return None if v is None else round(v, digits)
+
+
+def _row(name: str, unit: str, runs: dict[str, list[float]], me: str, peer: str | None,
+         lower_is_better: bool = False, **extra: Any) -> dict[str, Any]:
+    iotd = median(runs[me])
+    p = median(runs[peer]) if peer in runs else None
+    if p is None:
         ratio = None
     elif lower_is_better:
-        ratio = peer / iotd if iotd > 0 else None
+        ratio = p / iotd if iotd > 0 else None
     else:
-        ratio = iotd / peer if peer > 0 else None
-    row: dict[str, Any] = {
-        "name": name,
-        "unit": unit,
-        "iotd": round(iotd, 3),
-        "peer_name": peer_name,
-        "peer": None if peer is None else round(peer, 3),
-        "ratio": None if ratio is None else round(ratio, 3),
-    }
+        ratio = iotd / p if p > 0 else None
+    row: dict[str, Any] = {"name": name, "unit": unit, "iotd": _r(iotd), "peer_name": peer if p is not None else "none",
+                           "peer": _r(p), "ratio": _r(ratio), "spread": spread(runs[me]),
+                           "peer_spread": spread(runs[peer]) if p is not None else None, "runs": len(runs[me])}
     row.update(extra)
     return row
 
 
-def _alternate(reps: int, a: Callable[[], Any], b: Callable[[], Any] | None) -> tuple[list[Any], list[Any]]:
-    """Run ``a`` and ``b`` ``reps`` times each, alternating (and swapping who goes first)."""
-    ra: list[Any] = []
-    rb: list[Any] = []
-    for i in range(reps):
-        order = [(a, ra), (b, rb)] if i % 2 == 0 else [(b, rb), (a, ra)]
-        for f, out in order:
-            if f is not None:
-                out.append(f())
-    return ra, rb
+def _target(row: dict[str, Any], key: str, op: str, bound: float, what: str) -> None:
+    value = row.get(key)
+    ok = value is not None and (value >= bound if op == ">=" else value <= bound)
+    row.setdefault("targets", []).append(f"{what} {op} {bound:g}: {'pass' if ok else 'FAIL'} ({value})")
+    print(f"  target {row['name']}: {what} {op} {bound:g} -> {value} {'pass' if ok else 'FAIL'}",
+          file=sys.stderr, flush=True)
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    """Run every measurement; returns the result rows (and prints progress)."""
-    seconds = 1.0 if quick else 5.0
+    """Run every measurement; returns the result rows (and prints progress and the targets)."""
+    seconds = 0.4 if quick else 4.0
+    udp_seconds = 0.2 if quick else 3.0
     reps = 3 if quick else 5
-    pings = 3000 if quick else 20000
-    have_socat = _socat_available()
-    socat = socat_relay if have_socat else None
+    pings = 1000 if quick else 20000
+    socat = socat_relay if _have("socat") else None
+    haproxy = haproxy_relay if _have("haproxy") else None
     device = Device()
+    on, off = IotdRelay(True), IotdRelay(False)
     rows: list[dict[str, Any]] = []
+    stamp = {"machine": machine(), "date": today()}
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     try:
         for links in (1, 8):
-            a, b = _alternate(
-                reps,
-                lambda: tcp_throughput(iotd_relay, device, links, seconds),
-                (lambda: tcp_throughput(socat, device, links, seconds)) if socat else None,
-            )
-            log(f"tcp {links} link(s): iotd {a} socat {b}")
-            rows.append(
-                _row(f"relay_tcp_{links}", "MB/s", median(a), "socat", median(b) if b else None)
-            )
-        for links in (1, 8):
-            a, b = _alternate(
-                reps,
-                lambda: tcp_throughput(iotd_relay, device, links, seconds, aes=True),
-                lambda: tcp_throughput(iotd_relay, device, links, seconds),
-            )
-            log(f"tcp aes {links} link(s): aes {a} plain {b}")
-            rows.append(_row(f"relay_tcp_aes_{links}", "MB/s", median(a), "iotd plain", median(b)))
-        total = (256 if quick else 1024) * 1024 * 1024
-        a, b = _alternate(reps, lambda: link_bulk(device, "ws", total), lambda: link_bulk(device, "port", total))
-        log(f"tcp link over a websocket: ws {a} port {b}")
-        rows.append(_row("relay_ws_tcp_1", "MB/s", median(a), "iotd port", median(b), bytes=total))
-        for size in (64, 1200):
-            a, b = _alternate(
-                reps,
-                lambda: udp_rate(iotd_relay, device, size, seconds),
-                (lambda: udp_rate(socat, device, size, seconds)) if socat else None,
-            )
-            log(f"udp {size} B: iotd {a} socat {b}")
-            rows.append(
-                _row(
-                    f"relay_udp_{size}",
-                    "datagrams/s",
-                    median(r for r, _ in a),
-                    "socat",
-                    median(r for r, _ in b) if b else None,
-                    loss=round(median(loss for _, loss in a), 4),
-                    peer_loss=round(median(loss for _, loss in b), 4) if b else None,
-                )
-            )
-        lat_iotd, lat_peer = _alternate(
-            reps,
-            lambda: added_latency(iotd_relay, device, pings),
-            (lambda: added_latency(socat, device, pings)) if socat else None,
-        )
-        log(f"latency (added p50, added p99, direct p50, direct p99): iotd {lat_iotd} socat {lat_peer}")
-        rows.append(
-            _row(
-                "relay_latency_p99",
-                "us",
-                median(r[1] for r in lat_iotd),
-                "socat",
-                median(r[1] for r in lat_peer) if lat_peer else None,
-                lower_is_better=True,
-                p50=round(median(r[0] for r in lat_iotd), 2),
-                peer_p50=round(median(r[0] for r in lat_peer), 2) if lat_peer else None,
-                direct_p50=round(median(r[2] for r in lat_iotd + lat_peer), 2),
-                direct_p99=round(median(r[3] for r in lat_iotd + lat_peer), 2),
-            )
-        )
+            parties: dict[str, Callable[[], Any] | None] = {
+                "iotd": lambda: tcp_throughput(on, device, links, seconds),
+                "iotd (no splice)": lambda: tcp_throughput(off, device, links, seconds),
+                "haproxy": (lambda: tcp_throughput(haproxy, device, links, seconds)) if haproxy else None,
+                "socat": (lambda: tcp_throughput(socat, device, links, seconds)) if socat else None,
+                "direct": lambda: tcp_throughput(direct, device, links, seconds),
+            }
+            if links == 1:
+                parties["iotd aes"] = lambda: tcp_throughput(off, device, links, seconds, aes=True)
+            runs = _alternate(reps, parties)
+            log(f"tcp {links} link(s), Gbit/s: " + ", ".join(f"{k} {[round(v, 2) for v in vs]}" for k, vs in runs.items()))
+            extra = {k: _r(median(v)) for k, v in runs.items() if k in ("socat", "direct")}
+            lim = median(runs["direct"])
+            for me, name in (("iotd", f"relay_tcp_{links}"), ("iotd (no splice)", f"relay_tcp_{links}_nosplice")):
+                row = _row(name, "Gbit/s", runs, me, "haproxy" if haproxy else ("socat" if socat else None),
+                           socat_ratio=_r(median(runs[me]) / median(runs["socat"])) if socat else None,
+                           limit_ratio=_r(median(runs[me]) / lim), links=links,
+                           splice=me == "iotd", **extra, **stamp)
+                if haproxy:
+                    _target(row, "ratio", ">=", 1.0, "x haproxy")
+                if me == "iotd" and links == 1:
+                    _target(row, "limit_ratio", ">=", 0.8, "x direct loopback (splice)")
+                rows.append(row)
+            if links == 1:
+                row = _row("relay_tcp_aes_1", "Gbit/s", runs, "iotd aes", "iotd (no splice)",
+                           peer_note="the same daemon's plain link, userspace path", **stamp)
+                _target(row, "ratio", ">=", 0.7, "x plain (userspace path)")
+                rows.append(row)
+        total = (64 if quick else 1024) * 1024 * 1024
+        runs = _alternate(reps, {"ws": lambda: link_bulk(off, device, "ws", total),
+                                 "iotd port": lambda: link_bulk(off, device, "port", total)})
+        log(f"tcp link over a websocket, Gbit/s: {runs}")
+        rows.append(_row("relay_ws_tcp_1", "Gbit/s", runs, "ws", "iotd port", bytes=total,
+                         note="splice off for both (the websocket side never splices)", **stamp))
+        for size, fixed in ((64, 20000.0), (1200, 20000.0)):
+            sat = _alternate(reps, {"iotd": lambda: udp_rate(on, device, size, udp_seconds),
+                                    "socat": (lambda: udp_rate(socat, device, size, udp_seconds)) if socat else None})
+            paced = _alternate(reps, {"iotd": lambda: udp_rate(on, device, size, udp_seconds, fixed),
+                                      "socat": (lambda: udp_rate(socat, device, size, udp_seconds, fixed)) if socat else None})
+            log(f"udp {size} B (delivered/s, loss): saturation {sat}; at {fixed:g}/s {paced}")
+            rates = {k: [r for r, _ in v] for k, v in sat.items()}
+            rows.append(_row(
+                f"relay_udp_{size}", "datagrams/s", rates, "iotd", "socat" if socat else None,
+                loss=round(median(x for _, x in sat["iotd"]), 4),
+                peer_loss=round(median(x for _, x in sat["socat"]), 4) if socat else None,
+                fixed_rate=fixed,
+                fixed_delivered=round(median(r for r, _ in paced["iotd"])),
+                fixed_loss=round(median(x for _, x in paced["iotd"]), 4),
+                peer_fixed_delivered=round(median(r for r, _ in paced["socat"])) if socat else None,
+                peer_fixed_loss=round(median(x for _, x in paced["socat"]), 4) if socat else None,
+                **stamp))
+        lat = _alternate(reps, {"iotd": lambda: added_latency(on, device, pings),
+                                "haproxy": (lambda: added_latency(haproxy, device, pings)) if haproxy else None,
+                                "socat": (lambda: added_latency(socat, device, pings)) if socat else None})
+        log(f"latency (added p50, added p99, direct p50, direct p99): {lat}")
+        p99 = {k: [r[1] for r in v] for k, v in lat.items()}
+        peer = "haproxy" if haproxy else ("socat" if socat else None)
+        rows.append(_row(
+            "relay_latency_p99", "us", p99, "iotd", peer, lower_is_better=True,
+            p50=round(median(r[0] for r in lat["iotd"]), 2),
+            peer_p50=round(median(r[0] for r in lat[peer]), 2) if peer else None,
+            socat_p99=round(median(r[1] for r in lat["socat"]), 2) if socat else None,
+            direct_p50=round(median(r[2] for v in lat.values() for r in v), 2),
+            direct_p99=round(median(r[3] for v in lat.values() for r in v), 2), **stamp))
     finally:
+        on.stop()
+        off.stop()
         device.close()
     return rows
 
@@ -733,10 +743,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ws", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--transport", default="port", help=argparse.SUPPRESS)
     parser.add_argument("--path", default="/", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     roles = {
         "device": role_device,
-        "relay": role_relay,
         "gen-tcp": role_gen_tcp,
         "gen-udp": role_gen_udp,
         "gen-bulk": role_gen_bulk,

@@ -1,9 +1,16 @@
-"""``make bench``: run every ``bench/*.py`` benchmark, print one table, write results.json.
+"""``make bench``: run the ``bench/*.py`` benchmarks, print one table and the targets, write results.json.
 
 Each benchmark module has ``run(quick: bool) -> list[dict]`` returning rows
-``{"name", "unit", "iotd", "peer_name", "peer", "ratio"}`` (extra fields
-welcome).  ``--quick`` runs each for a few seconds (a smoke check);
-``--only NAME`` runs one module.
+``{"name", "unit", "iotd", "peer_name", "peer", "ratio", ...}`` (extra fields
+welcome: ``spread``, ``machine``, ``date``, ``targets`` -- a list of
+``"what >= bound: pass|FAIL (value)"`` strings, printed at the end).
+``--quick`` runs each for a few seconds (a smoke check, under 4 minutes in
+all); ``--only NAME`` runs one module and merges its rows into results.json.
+
+To add a benchmark: put ``bench/NAME.py`` with its ``run(quick)`` next to the
+others and add ``"NAME"`` to :data:`MODULES` (a module not listed still runs,
+after the listed ones).  ``bench/readme.py`` then renders results.json into
+the README's table.
 """
 
 from __future__ import annotations
@@ -12,18 +19,27 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import sys
 import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results.json")
+MODULES = (
+    "relay",
+    "fanout",
+    "push",
+    "history",
+    "cluster",
+    "mqtt",
+)
+NOT_BENCHES = {"run", "readme"}
 
 
 def modules(only: str | None) -> list[str]:
-    names = sorted(f[:-3] for f in os.listdir(HERE)
-                   if f.endswith(".py") and not f.startswith("_") and f != "run.py")
+    present = {f[:-3] for f in os.listdir(HERE)
+               if f.endswith(".py") and not f.startswith("_") and f[:-3] not in NOT_BENCHES}
+    names = [n for n in MODULES if n in present] + sorted(present - set(MODULES))
     return [n for n in names if only in (None, n)]
 
 
@@ -44,13 +60,17 @@ def fmt(value) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["name", "unit", "iotd", "peer", "peer_name", "ratio"]
+    head = ["name", "unit", "iotd", "peer", "peer_name", "ratio", "spread"]
     lines = [head] + [[r.get("name"), r.get("unit"), fmt(r.get("iotd")), fmt(r.get("peer")),
-                       r.get("peer_name") or "-", fmt(r.get("ratio"))] for r in rows]
+                       r.get("peer_name") or "-", fmt(r.get("ratio")), r.get("spread") or "-"] for r in rows]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    return [f"{r['name']}: {t}" for r in rows for t in r.get("targets", ())]
 
 
 def main() -> int:
@@ -64,19 +84,32 @@ def main() -> int:
     started = time.time()
     for name in modules(args.only):
         print(f"== bench/{name}.py {'(quick)' if args.quick else ''}", flush=True)
+        t0 = time.time()
         try:
             got = load(name).run(args.quick)
         except Exception:
             traceback.print_exc()
             failed.append(name)
             continue
+        for row in got:
+            row.setdefault("quick", args.quick)
         rows.extend(got)
         print(table(got), flush=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}"
-    with open(args.json, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"\nAll benchmarks ({machine}; {time.time() - started:.0f} s{', quick' if args.quick else ''}):")
+        print(f"({time.time() - t0:.0f} s)", flush=True)
+    sys.path.insert(0, HERE)
+    from _common import machine, merge_results, today
+
+    if args.only:  # one module: its rows replace those of the same name, the others stay
+        merge_results(args.json, rows)
+    else:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+            f.write("\n")
+    print(f"\nAll benchmarks ({machine()}, {today()}; {time.time() - started:.0f} s{', quick' if args.quick else ''}):")
     print(table(rows))
+    print("\nTargets:")
+    for line in targets(rows):
+        print("  " + line)
     print(f"\nwritten to {args.json}")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -9,6 +9,8 @@
   socket to the device, keeping datagram boundaries.
 - ``tcp_sides``: the TCP link's protocols (client side, device side, the
   listening factory) and the eager writes.
+- ``splice``: a plain TCP link relayed in the kernel (``splice(2)`` through a
+  pipe per direction), the transports' readiness, pausing and half-close kept.
 - ``ws_side``: a TCP link's client over a websocket on the HTTP port (the
   side, its transport-like pipe, the Autobahn factory).
 - ``bucket``: the rate limit -- a token bucket per direction and the gate that
@@ -28,6 +30,6 @@
 
 The hot path of both relays is ``dataReceived``/``datagramReceived`` ->
 (cipher ``update``) -> peer ``write`` plus plain integer counters on the
-``Link``; Prometheus
+``Link`` -- or, for a plain TCP link, two ``splice`` calls per chunk; Prometheus
 counters are fed from those integers periodically and at close.
 """

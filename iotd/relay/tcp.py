@@ -39,6 +39,11 @@ Choices made:
   link's one client like a port client, and the relay drives it through the
   same calls: every side shows the relay a transport-like ``pipe``.
 - **Hot path and eager writes**: see :mod:`iotd.relay.tcp_sides`.
+- **In the kernel** (:mod:`iotd.relay.splice`): a plain link without a rate
+  limit, between two TCP sockets, is relayed with ``splice(2)`` through a pipe
+  per direction instead of the protocols' ``dataReceived``; readiness,
+  pausing, half-close and close stay the transports' own.  Anything else (or
+  a platform without ``os.splice``) takes the path above.
 - ``shutdown`` (DELETE, timeouts, resets, service stop) aborts both
   connections -- "closes both sockets at once" -- and stops listening; its
   Deferred fires when every socket, the listening one included, is closed.
@@ -60,6 +65,7 @@ from iotd.relay.addresses import DevicePolicy, resolve
 from iotd.relay.bucket import Bucket, Gate, chunk_size
 from iotd.relay.ctr import Transform, stream_transform
 from iotd.relay.relay import Relay
+from iotd.relay.splice import Splice
 from iotd.relay.tcp_sides import BUFFER_SIZE, ClientSide, DeviceSide, ListeningFactory, Side, eager_writer
 
 if TYPE_CHECKING:
@@ -109,6 +115,7 @@ class TCPRelay(Relay):
         self._writes_shut = 0
         self._closed: defer.Deferred[Any] | None = None
         self._gates: dict[Any, Gate] = {}
+        self.splice: Splice | None = None  # set when the link relays in the kernel
 
     # -- life cycle driven by Link / LinkManager --------------------------
 
@@ -148,7 +155,8 @@ class TCPRelay(Relay):
         return self._closed
 
     def buffered(self) -> int:
-        """Bytes held in userspace write buffers for this link (both directions)."""
+        """Bytes held in userspace write buffers for this link (both directions); a spliced
+        link holds none (its pipes are kernel memory, see :meth:`Splice.buffered`)."""
         return sum(side.buffered() for side in (self.client, self.device) if side is not None)
 
     # -- events from the protocols -----------------------------------------
@@ -276,13 +284,18 @@ class TCPRelay(Relay):
         ct, dt = client.pipe, device.pipe
         dt.setTcpNoDelay(True)  # type: ignore[union-attr]
         dt.bufferSize = BUFFER_SIZE  # type: ignore[union-attr]
+        self.link.touch()
+        if self._t_up is None and self.link.rate_limit <= 0:
+            self.splice = Splice.start(ct, dt, client._count, device._count)
+            if self.splice is not None:
+                ct.resumeProducing()  # type: ignore[union-attr]
+                return
         client._write = eager_writer(dt)
         device._write = eager_writer(ct)
         up, down = self._throttle(client, ct), self._throttle(device, dt)
         # A full write buffer on one side pauses reading on the other.
         ct.registerProducer(down, True)  # type: ignore[union-attr]
         dt.registerProducer(up, True)  # type: ignore[union-attr]
-        self.link.touch()
         ct.resumeProducing()  # type: ignore[union-attr]
 
     def _throttle(self, side: Any, pipe: Any) -> Any:
@@ -322,6 +335,8 @@ class TCPRelay(Relay):
             self.link.close("done", abort=False)
 
     def side_lost(self, side: Side) -> None:
+        if self.splice is not None:
+            self.splice.close()  # the other side is aborted or already closing: no more splicing
         if self.state is State.CLOSED:
             return  # our own shutdown
         self.link.close("client_reset" if side is self.client else "device_reset")

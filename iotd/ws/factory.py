@@ -12,7 +12,8 @@
   :class:`WebSocketResource` that takes the connection over.
 * :meth:`SocketFactory.prepared` / :meth:`SocketFactory.broadcast` — an event
   is serialized and framed once (``Event.encoded`` + ``prepareMessage``) and
-  the same bytes are written to every socket that wants it.
+  the same bytes are written to every socket that wants it; to many sockets
+  once per reactor turn, every socket's frames of that turn in one write.
 * Origins: any ``Origin`` is accepted (``null`` and ``file://`` included: pages
   opened from disk, sandboxed iframes, WebViews); the key authenticates and
   there are no cookies to ride on.  The route has checked the request, so the
@@ -91,6 +92,8 @@ class SocketFactory(WebSocketServerFactory):
         self.slow_dropped = metrics.ws_slow_dropped.labels(self.kind)
         self._delivered: dict[str, Any] = {}
         self._sub: Any = None
+        self._dirty: list[SocketProtocol] = []  # sockets with frames in their outbox
+        self._flush_call: Any = None
         ctx.keys.add_revoke_listener(self.key_revoked)
 
     # -- the event bus ----------------------------------------------------------
@@ -172,19 +175,45 @@ class SocketFactory(WebSocketServerFactory):
         return frame
 
     def broadcast(self, event_kind: str, prepared: Any, sockets: Iterable[SocketProtocol]) -> int:
-        """Write one prepared frame to each open socket; returns how many got it."""
+        """Write one prepared frame to each open socket; returns how many got it.
+
+        A few sockets (up to ``FLUSH_FANOUT``) are written at once; for more, the
+        frame is queued in each socket's outbox and every outbox is written once,
+        in the next reactor turn (:meth:`_flush_outboxes`; see :mod:`iotd.ws.protocol`).
+        """
         sent = 0
         sockets = tuple(sockets)  # a socket may leave its set while we write
+        if len(sockets) <= FLUSH_FANOUT:
+            for proto in sockets:
+                if proto.state == STATE_OPEN:
+                    proto.sendPreparedMessage(prepared)
+                    sent += 1
+            if sent:
+                self.delivered(event_kind, sent)
+                for proto in sockets:
+                    proto.flush()
+            return sent
+        frame = prepared.payloadHybi
+        dirty = self._dirty
         for proto in sockets:
             if proto.state == STATE_OPEN:
-                proto.sendPreparedMessage(prepared)
+                if proto.can_batch():
+                    if proto.queue_frame(frame):
+                        dirty.append(proto)
+                else:
+                    proto.sendPreparedMessage(prepared)
                 sent += 1
         if sent:
             self.delivered(event_kind, sent)
-            if sent <= FLUSH_FANOUT:
-                for proto in sockets:
-                    proto.flush()
+        if dirty and self._flush_call is None:
+            self._flush_call = self.ctx.reactor.callLater(0, self._flush_outboxes)
         return sent
+
+    def _flush_outboxes(self) -> None:
+        self._flush_call = None
+        dirty, self._dirty = self._dirty, []
+        for proto in dirty:
+            proto.flush_outbox()
 
     def delivered(self, event_kind: str, count: int = 1) -> None:
         counter = self._delivered.get(event_kind)

@@ -7,8 +7,27 @@
 * A handshake Autobahn still refuses (no ``Sec-WebSocket-Version``, a bad
   ``Sec-WebSocket-Key``...) is answered with a JSON body
   ``{"error": {"code": "bad_handshake", "message": ...}}``, never a bare status line.
-* Everything sent goes as a prepared message (:meth:`SocketProtocol.send_text`);
-  a few sockets' frames are written at once (:meth:`SocketProtocol.flush`).
+* Everything sent goes as a prepared message (:meth:`SocketProtocol.send_text`).
+* Eager writes (the fan-out hot path): ``transport.write`` only queues, and the
+  bytes leave on the next writable event -- per frame an ``epoll_ctl`` to
+  watch for writable, the reactor's dispatch of ``doWrite`` and another
+  ``epoll_ctl`` to stop watching.  With 1,000 sockets on one device that was
+  about half of the daemon's CPU per event, and every ingest waited behind
+  those queued writes (py-spy, bench/fanout.py).  So when nothing is queued
+  and the client is not paused, :meth:`SocketProtocol.sendData` hands the
+  frame to the plain TCP transport's non-blocking ``writeSomeData`` at once
+  and queues only what the kernel did not take; order, the producer pause
+  and the slow-client cut stay Twisted's (as in :mod:`iotd.relay.tcp_sides`).
+  A TLS transport (or anything without ``writeSomeData``) keeps ``write``;
+  so does a frame while something is queued.  :meth:`SocketProtocol.flush`
+  then only matters for what was queued.
+* Broadcast batching: a broadcast to many sockets (more than
+  :data:`FLUSH_FANOUT`) only appends the frame to each socket's outbox
+  (:meth:`SocketProtocol.queue_frame`); once per reactor turn the factory
+  writes every outbox in one eager write (:meth:`SocketProtocol.flush_outbox`),
+  so the events of one group commit leave in one ``send`` per socket, after
+  the ingest acknowledgements of that turn.  Anything else sent on a socket
+  flushes its outbox first, so order is kept.
 
 Timers (idle, heartbeat) use ``factory.clock`` (the reactor unless a test sets
 a :class:`twisted.internet.task.Clock`).  The factory is
@@ -23,7 +42,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 
 from iotd.logs import Logger
 
@@ -37,6 +56,13 @@ FLUSH_FANOUT = 8  # an event for at most this many sockets is sent at once (see 
 
 def dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _can_send_now(transport: Any) -> bool:
+    """A plain (no TLS) Twisted TCP transport whose queue :meth:`SocketProtocol.sendData` can
+    bypass with ``writeSomeData``."""
+    return (isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False)
+            and hasattr(transport, "_tempDataLen") and hasattr(transport, "dataBuffer"))
 
 
 class SocketProtocol(WebSocketServerProtocol):
@@ -57,6 +83,8 @@ class SocketProtocol(WebSocketServerProtocol):
     _cut = False
     _resume_waiters: list | None = None
     _registered = False
+    _eager: bool | None = None  # may sendData write to the socket at once? (None: not looked yet)
+    _outbox: list | None = None  # broadcast frames waiting for this reactor turn's flush
 
     # -- connection life ------------------------------------------------------
 
@@ -162,17 +190,63 @@ class SocketProtocol(WebSocketServerProtocol):
     # -- sending --------------------------------------------------------------
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Every frame Autobahn or we send passes here: write, count if paused."""
+        """Every frame Autobahn or we send passes here: write (at once when nothing is
+        queued, see the module docstring), count if paused."""
+        if self._outbox:
+            self.flush_outbox()  # broadcast frames queued earlier go first
         if sync or chopsize or self.send_queue:
             super().sendData(data, sync, chopsize)
             return
         if self.state == STATE_CLOSED:
             return
-        self.transport.write(data)
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        transport = self.transport
+        if not self._paused and self._eager is not False:
+            if self._eager is None:
+                self._eager = _can_send_now(transport)
+            if self._eager and not transport.dataBuffer and not transport._tempDataLen \
+                    and transport.connected and not transport.disconnecting:
+                sent = transport.writeSomeData(data)
+                if sent.__class__ is int:
+                    if sent == len(data):
+                        return
+                    data = data[sent:]  # the kernel took a part: queue the rest (Twisted's path)
+                # an error: Twisted's own write path finds it and closes
+        transport.write(data)
         if self._paused:
             self._pending += len(data)
             if self._pending > self.max_buffer and not self._cut:
                 self.too_slow()
+
+    def can_batch(self) -> bool:
+        """May a broadcast queue frames here for :meth:`flush_outbox` (plain TCP, not paused,
+        no compression)?"""
+        eager = self._eager
+        if eager is None:
+            eager = self._eager = _can_send_now(self.transport)
+        return eager and not self._paused and self._perMessageCompress is None and not self.send_queue
+
+    def queue_frame(self, frame: bytes) -> bool:
+        """Queue one whole frame for the next :meth:`flush_outbox`; True if this made the
+        outbox non-empty (the caller then remembers to flush this socket)."""
+        box = self._outbox
+        if box is None:
+            self._outbox = [frame]
+            return True
+        box.append(frame)
+        return False
+
+    def flush_outbox(self) -> None:
+        """Write the frames broadcasts queued, in one write."""
+        box = self._outbox
+        if box is None:
+            return
+        self._outbox = None
+        if self.state == STATE_CLOSED:
+            return
+        self._write(box[0] if len(box) == 1 else b"".join(box))
 
     def flush(self) -> None:
         """Send what is buffered now instead of when the reactor gets round to it.

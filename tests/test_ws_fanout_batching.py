@@ -1,0 +1,79 @@
+"""Broadcasts to many sockets (more than ``FLUSH_FANOUT``): frames are queued per socket and written
+once per reactor turn (:mod:`iotd.ws.protocol`); every socket still gets every event, in order, one
+per frame, and anything else sent on a socket goes after its queued frames."""
+
+from __future__ import annotations
+
+import pytest_twisted
+
+from iotd.ws.protocol import FLUSH_FANOUT
+from ws_helpers import Client, in_thread, sockets_of, ws_url
+
+SOCKETS = FLUSH_FANOUT * 2 + 3
+
+
+async def open_many(daemon, n: int) -> list[Client]:
+    url = ws_url(daemon, "/api/v1/devices/gate-01/packets/socket", auth=daemon.admin_key)
+    return [await Client.open(url) for _ in range(n)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_socket_gets_every_event_in_order_one_per_frame(daemon):
+    await daemon.put_device("gate-01")
+    clients = await open_many(daemon, SOCKETS)
+    try:
+        batch = [{"payload": {"n": i}} for i in range(30)]  # one group commit: one turn's broadcasts
+        status, stored = await daemon.request("POST", "/api/v1/devices/gate-01/packets", batch)
+        assert status == 201
+        single = []
+        for i in range(5):
+            status, one = await daemon.request("POST", "/api/v1/devices/gate-01/packets", {"payload": {"n": 30 + i}})
+            assert status == 201
+            single.append(one)
+        want = [e["id"] for e in stored] + [e["id"] for e in single]
+        for client in clients:
+            frames = await client.recv_many(len(want))
+            assert all(isinstance(f, list) and len(f) == 1 for f in frames)
+            assert [f[0]["body"]["id"] for f in frames] == want
+            assert [f[0]["body"]["payload"]["n"] for f in frames] == list(range(35))
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_close_frame_goes_after_the_frames_queued_before_it(daemon):
+    await daemon.put_device("gate-01")
+    clients = await open_many(daemon, SOCKETS)
+    try:
+        factory = sockets_of(daemon, "element")
+        sent = []
+        original = factory._flush_outboxes
+
+        def close_first_then_flush():
+            # the broadcast queued frames; before the turn's flush, one socket is closed
+            for proto in list(factory.sockets):
+                if proto._outbox:
+                    proto.close(4000, "closing")
+                    sent.append(proto)
+                    break
+            original()
+
+        factory._flush_outboxes = close_first_then_flush
+        status, stored = await daemon.request("POST", "/api/v1/devices/gate-01/packets", {"payload": {"n": 1}})
+        assert status == 201 and len(sent) == 1
+        got_close = 0
+        for client in clients:
+            frame = await client.recv_json()  # the event comes first on every socket, the closed one too
+            assert frame[0]["body"]["id"] == stored["id"]
+            try:
+                await in_thread(client.conn.recv, 0.3)
+            except TimeoutError:
+                continue
+            except Exception as e:  # ConnectionClosed: the close frame came after the event
+                assert getattr(getattr(e, "rcvd", None), "code", None) == 4000
+                got_close += 1
+        assert got_close == 1
+    finally:
+        for client in clients:
+            await client.close()
