@@ -146,6 +146,13 @@ def _node_name(text: str) -> str:
     return name
 
 
+def _splice(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in ("auto", "off"):
+        raise ValueError(f"expected auto or off, got {text!r}")
+    return word == "auto"
+
+
 def _level(text: str) -> str:
     low = text.strip().lower()
     if low not in ("debug", "info", "warn", "error"):
@@ -200,6 +207,7 @@ class DeviceLinkSection:
     max_links_per_tenant: int = 0
     max_duration_ms: int = 0
     rate_limit: int = 0
+    splice: bool = True  # plain TCP links relayed with splice(2) where the platform has it
 
 
 @attrs.frozen
@@ -317,6 +325,7 @@ SCHEMA: dict[str, tuple[type, dict[str, Callable[[str], Any]]]] = {
             "max_links_per_tenant": _int_min(0),
             "max_duration_ms": _int_min(0),
             "rate_limit": _int_min(0),
+            "splice": _splice,
         },
     ),
     "websocket": (

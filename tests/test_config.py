@@ -104,3 +104,10 @@ def test_mqtt_keys_are_checked(tmp_path):
         assert str(e.value).startswith("iotd: config error: " + message), str(e.value)
     secret.chmod(0o600)
     assert config.parse_text(f"[mqtt]\npassword_file = {secret}\n").mqtt.password_file == str(secret)
+
+
+def test_devicelink_splice_is_auto_or_off():
+    assert config.parse_text("[devicelink]\nsplice = off\n").devicelink.splice is False
+    with pytest.raises(config.ConfigError) as e:
+        config.parse_text("[devicelink]\nsplice = maybe\n")
+    assert str(e.value) == "iotd: config error: [devicelink] splice: expected auto or off, got 'maybe'"

@@ -304,3 +304,21 @@ def test_no_pipes_left_falls_back(reactor, make_manager, net, monkeypatch):
     client.transport.write(b"still relayed")
     got = yield within(reactor, client.wait_for(13))
     assert got == b"still relayed"
+
+
+@pytest_twisted.inlineCallbacks
+def test_devicelink_splice_off_in_the_config_keeps_the_userspace_path(reactor, make_manager, net):
+    from iotd import config
+
+    cfg = config.parse_text("[devicelink]\nsplice = off\n").devicelink
+    assert cfg.splice is False and config.Config().devicelink.splice is True  # default: auto
+    device, dport = net.tcp_device(echo=True)
+    link = open_link(make_manager(splice=cfg.splice), "tcp", dport)
+    client = net.tcp_client(link.port)
+    yield within(reactor, client.made)
+    yield within(reactor, device.connected)
+    yield relaying(reactor, link)
+    assert link.relay.splice is None
+    client.transport.write(b"userspace")
+    got = yield within(reactor, client.wait_for(9))
+    assert got == b"userspace"

@@ -110,6 +110,7 @@ class LinkManager:
         max_links_per_tenant: int = 0,
         clock: Any = None,
         flush_interval: float = 10.0,
+        splice: bool = True,
     ) -> None:
         lo, hi = port_range
         if not 1 <= lo <= hi <= 65535:
@@ -122,6 +123,7 @@ class LinkManager:
         self.max_links_per_tenant = max_links_per_tenant
         self.policy = DevicePolicy(device_networks)
         self.connect_timeout = connect_timeout
+        self.splice = splice  # [devicelink] splice: plain TCP links relayed in the kernel where possible
         self.unused_ttl = unused_ttl
         self.flush_interval = flush_interval
         self._links: dict[str, Link] = {}
@@ -198,7 +200,7 @@ class LinkManager:
         relay: TCPRelay | UDPRelay
         if protocol == "tcp":
             relay = TCPRelay(link, self.reactor, self.interface, key, iv,
-                             connect_timeout=self.connect_timeout, policy=self.policy)
+                             connect_timeout=self.connect_timeout, policy=self.policy, splice=self.splice)
         else:
             relay = UDPRelay(link, self.reactor, self.interface, key, iv)
         link.attach(relay, self._bind(relay, protocol))

@@ -53,7 +53,7 @@ def start_links(ctx: Any, parent: service.MultiService) -> LinkDirectory:
     manager = LinkManager(ctx.reactor, interface=cfg.interface, port_range=cfg.port_range,
                           max_links=cfg.max_links, connect_timeout=cfg.connect_timeout,
                           unused_ttl=cfg.unused_ttl, device_networks=cfg.allowed_device_networks,
-                          max_links_per_tenant=cfg.max_links_per_tenant)
+                          max_links_per_tenant=cfg.max_links_per_tenant, splice=cfg.splice)
     rows = LinkRows(ctx.store, ctx.reactor, ctx.cluster.node, cfg.public_host)
     manager.on_opened(rows.opened)
     directory = LinkDirectory(manager, rows, ctx.store, ctx.cluster, ctx.reactor)

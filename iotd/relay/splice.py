@@ -34,9 +34,9 @@ How it plugs into Twisted, so that everything except the bytes stays Twisted's:
 - **Where it is not used**: encrypted links (the bytes must pass through the
   cipher), rate-limited links (the gate counts and meters reads), a websocket
   client, a platform without ``os.splice``, a failure creating the pipes
-  (e.g. out of file descriptors), or ``IOTD_RELAY_SPLICE=off`` in the
-  environment (:data:`ENABLED`; the bench uses it to measure both paths on the
-  real daemon).  The link then relays exactly as before.
+  (e.g. out of file descriptors), ``[devicelink] splice = off``, or
+  ``IOTD_RELAY_SPLICE=off`` in the environment (:data:`ENABLED`; the bench
+  uses it to measure both paths on the real daemon).  The link then relays exactly as before.
 
 Costs: four file descriptors per relaying link (two pipes), pipe pages in
 the kernel (at most ``2 x PIPE_SIZE`` per link while a destination is slow; pipe pages

@@ -93,10 +93,11 @@ class TCPRelay(Relay):
     log = Logger()
 
     def __init__(self, link: Link, reactor: Any, interface: str, key: bytes | None, iv: bytes | None, *,
-                 connect_timeout: float, policy: DevicePolicy | None = None) -> None:
+                 connect_timeout: float, policy: DevicePolicy | None = None, splice: bool = True) -> None:
         super().__init__(link, reactor, interface)
         self.clock = link.clock
         self.connect_timeout = connect_timeout
+        self.use_splice = splice
         self.policy = policy if policy is not None else DevicePolicy()
         if key is not None and iv is not None:
             # client->device data is decrypted, device->client data encrypted:
@@ -285,7 +286,7 @@ class TCPRelay(Relay):
         dt.setTcpNoDelay(True)  # type: ignore[union-attr]
         dt.bufferSize = BUFFER_SIZE  # type: ignore[union-attr]
         self.link.touch()
-        if self._t_up is None and self.link.rate_limit <= 0:
+        if self.use_splice and self._t_up is None and self.link.rate_limit <= 0:
             self.splice = Splice.start(ct, dt, client._count, device._count)
             if self.splice is not None:
                 ct.resumeProducing()  # type: ignore[union-attr]
