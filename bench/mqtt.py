@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,10 +40,10 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import free_port, http, median, percentile, stop_process  # noqa: E402
+from _common import (Daemon, free_port, http, machine, median, percentile, spread,  # noqa: E402
+                     stop_process, today)
 
 PY = sys.executable
-TWISTD = os.path.join(os.path.dirname(PY), "twistd")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 DEVICE = "BENCH-MQTT"
 TOPIC = f"iotd/default/{DEVICE}/readings"
@@ -58,64 +59,38 @@ class Broker:
                     "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 1000\n"
                     + ("user root\n" if os.geteuid() == 0 else ""))
         self.proc = subprocess.Popen([MOSQUITTO, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port)
+        deadline = time.monotonic() + 10
+        while True:  # listening once a connect succeeds
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mosquitto does not listen on {self.port}") from None
+                time.sleep(0.05)
 
     def stop(self) -> None:
         stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Iotd:
-    def __init__(self, broker: Broker) -> None:
-        self.dir = tempfile.mkdtemp(prefix="iotd-bench-mqtt-")
-        self.port = free_port()
-        with open(os.path.join(self.dir, "iotd.ini"), "w") as f:
-            f.write(f"[iotd]\ndata_dir = data\nlog_level = warn\n[http]\nlisten = tcp:{self.port}:interface=127.0.0.1\n"
-                    f"[mqtt]\nbroker = tcp:host=127.0.0.1:port={broker.port}\nclient_id = iotd-bench\n")
-        self.log = open(os.path.join(self.dir, "twistd.log"), "wb")
-        self.proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "iotd", "-c", "iotd.ini"], cwd=self.dir,
-                                     env=dict(os.environ, PYTHONPATH=ROOT), stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                status, body = http("GET", self.url("/healthz"))
-                if status == 200 and body.get("mqtt") == "ok":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("iotd did not come up with mqtt ok")
-            time.sleep(0.05)
-        with open(os.path.join(self.dir, "data", "admin.key")) as f:
-            self.key = f.read().strip()
-        status, body = http("PUT", self.url(f"/api/v1/devices/{DEVICE}"), {}, self.key)
-        assert status in (200, 201), body
+class Iotd(Daemon):
+    """The real daemon (:class:`_common.Daemon`) as a client of ``broker``, with the bench's device."""
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def __init__(self, broker: Broker) -> None:
+        super().__init__(f"[mqtt]\nbroker = tcp:host=127.0.0.1:port={broker.port}\nclient_id = iotd-bench\n",
+                         name="mqtt")
+        self.start()
+        deadline = time.monotonic() + 30
+        while http("GET", self.url("/healthz"))[1].get("mqtt") != "ok":
+            if time.monotonic() > deadline:
+                raise RuntimeError("iotd did not connect to the broker: " + self.tail())
+            time.sleep(0.05)
+        self.call("PUT", f"/api/v1/devices/{DEVICE}", {})
 
     def newest(self) -> int:
-        status, body = http("GET", self.url(f"/api/v1/devices/{DEVICE}/readings?limit=1"), None, self.key)
-        items = body.get("items") if status == 200 else None
+        items = self.call("GET", f"/api/v1/devices/{DEVICE}/readings?limit=1").get("items")
         return items[0]["data"]["n"] if items else -1
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _wait_port(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 # -- the child programs ---------------------------------------------------------------
@@ -259,10 +234,6 @@ def latency_round(peer: bool, n: int, rate: int) -> dict:
         broker.stop()
 
 
-def _spread(values: list[float]) -> str:
-    return f"{min(values):.1f}-{max(values):.1f}"
-
-
 def run(quick: bool = False) -> list[dict]:
     rounds = 1 if quick else 3
     n_ingest = 3000 if quick else 10000
@@ -277,17 +248,18 @@ def run(quick: bool = False) -> list[dict]:
     iotd_rate, peer_rate = median(ingest["iotd"]), median(ingest["peer"])
     p99 = {k: median(r["p99"] for r in v) for k, v in lat.items()}
     p50 = {k: median(r["p50"] for r in v) for k, v in lat.items()}
+    stamp = {"machine": machine(), "date": today()}
     return [
-        {"name": "mqtt_ingest_qos1", "unit": "events/s", "iotd": round(iotd_rate),
+        {**stamp, "name": "mqtt_ingest_qos1", "unit": "events/s", "iotd": round(iotd_rate),
          "peer_name": "mosquitto -> 1 subscriber (the broker alone)", "peer": round(peer_rate),
          "ratio": round(iotd_rate / peer_rate, 3), "messages": n_ingest, "runs": rounds,
-         "spread": _spread(ingest["iotd"]), "peer_spread": _spread(ingest["peer"])},
-        {"name": "mqtt_ws_latency_p99", "unit": "ms", "iotd": round(p99["iotd"], 2),
+         "spread": spread(ingest["iotd"]), "peer_spread": spread(ingest["peer"])},
+        {**stamp, "name": "mqtt_ws_latency_p99", "unit": "ms", "iotd": round(p99["iotd"], 2),
          "peer_name": "mosquitto -> 1 subscriber (the broker alone)", "peer": round(p99["peer"], 2),
          "ratio": round(p99["peer"] / p99["iotd"], 3) if p99["iotd"] else None,
          "p50": round(p50["iotd"], 2), "peer_p50": round(p50["peer"], 2), "rate": rate,
          "messages": rate * seconds, "runs": rounds,
-         "spread": _spread([r["p99"] for r in lat["iotd"]]), "peer_spread": _spread([r["p99"] for r in lat["peer"]])},
+         "spread": spread([r["p99"] for r in lat["iotd"]]), "peer_spread": spread([r["p99"] for r in lat["peer"]])},
     ]
 
 
