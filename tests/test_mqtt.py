@@ -347,3 +347,61 @@ def test_with_several_nodes_the_filters_are_shared_subscriptions():
     assert Topics("site/a").route("site/a/default/D1/commands/result") == ("default", "D1", "commands/result")
     assert Topics("site/a").route("site/a/default/D1/commands") is None  # iotd's own publish
     assert Topics("iotd").route("other/default/D1/readings") is None
+
+
+@pytest.fixture
+def auto_register(daemon_config):
+    daemon_config["mqtt"]["auto_register"] = "true"
+    return daemon_config
+
+
+@pytest_twisted.ensureDeferred
+async def test_auto_register_adds_an_unknown_device_as_an_mqtt_device(auto_register, daemon, broker):
+    await connected(daemon)
+    dev = await device(broker, "newcomer")
+    try:
+        await publish(dev, "iotd/default/newcomer/readings", {"data": {"first": True}})
+        got = await until(lambda: daemon.request("GET", "/api/v1/devices/newcomer"), lambda r: r[0] == 200)
+        assert got[0] == 200 and got[1]["transport"] == "mqtt"
+        stored = await until(lambda: history(daemon, "newcomer", "readings"), bool)
+        assert [r["data"] for r in stored] == [{"first": True}]
+    finally:
+        await in_thread(dev.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_id_is_remembered_for_a_day_then_pruned(daemon, broker):
+    from iotd.timefmt import micros_of
+
+    svc = daemon.top.getServiceNamed("mqtt")
+    async with registered(daemon, broker, "aging") as dev:
+        await publish(dev, "iotd/default/aging/readings", {"id": "p-1", "data": {"v": 1}})
+        await until(lambda: history(daemon, "aging", "readings"), bool)
+        two_days_ago = micros_of(daemon.ctx.reactor.seconds() - 2 * 86400)
+        await daemon.ctx.store.write(lambda conn: conn.execute(
+            "UPDATE mqtt_seen SET seen_us = ? WHERE key = ?", (two_days_ago, "i/default/AGING/p-1")).rowcount)
+        await svc.prune()
+        await publish(dev, "iotd/default/aging/readings", {"id": "p-1", "data": {"v": 2}})
+        got = await until(lambda: history(daemon, "aging", "readings"), lambda got: len(got) >= 2)
+        assert sorted(r["data"]["v"] for r in got) == [1, 2]
+
+
+def test_reconnect_waits_back_off_from_1_s_doubling_to_30_s_with_jitter():
+    from twisted.internet import reactor as real_reactor
+    from twisted.internet.task import Clock
+
+    from iotd.mqtt.broker import parse
+    from iotd.mqtt.connection import Connection
+
+    conn = Connection(real_reactor, parse("tcp:host=127.0.0.1:port=1"), "iotd-backoff", [], 1, 30,
+                      lambda message, generation: None)
+    clock = conn._reactor = Clock()
+    conn._stopping = False
+    waits = []
+    for _ in range(8):
+        conn._down("the broker is away")
+        waits.append(conn._retry.getTime() - clock.seconds())
+        conn._retry.cancel()
+    for wait, full in zip(waits, [1, 2, 4, 8, 16, 30, 30, 30]):
+        assert 0.75 * full <= wait <= full, waits
+    assert conn.state == "down"
