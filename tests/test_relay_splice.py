@@ -49,13 +49,21 @@ def relaying(reactor: Any, link: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_plain_link_splices_and_echoes_intact(reactor, make_manager, net):
-    device, dport = net.tcp_device(echo=True)
-    link = open_link(make_manager(), "tcp", dport)
+def linked(reactor: Any, manager: Any, net: Any, link_options: dict | None = None, **device_options: Any) -> Any:
+    """A device (``net.tcp_device(**device_options)``), a TCP link to it and a client on the link,
+    relaying: ``(device, link, client)``."""
+    device, dport = net.tcp_device(**device_options)
+    link = open_link(manager, "tcp", dport, **(link_options or {}))
     client = net.tcp_client(link.port)
     yield within(reactor, client.made)
     yield within(reactor, device.connected)
     yield relaying(reactor, link)
+    return device, link, client
+
+
+@pytest_twisted.inlineCallbacks
+def test_plain_link_splices_and_echoes_intact(reactor, make_manager, net):
+    device, link, client = yield linked(reactor, make_manager(), net, echo=True)
     relay = link.relay
     assert relay.splice is not None
     payload = os.urandom(8 * MiB + 12345)
@@ -71,12 +79,7 @@ def test_plain_link_splices_and_echoes_intact(reactor, make_manager, net):
 def test_large_transfer_both_ways_at_once(reactor, make_manager, net):
     """64 MiB up while 16 MiB come down, on one spliced link: every byte, in order."""
     down = os.urandom(16 * MiB)
-    device, dport = net.tcp_device(send_then_half_close=down)
-    link = open_link(make_manager(), "tcp", dport)
-    client = net.tcp_client(link.port)
-    yield within(reactor, client.made)
-    yield within(reactor, device.connected)
-    yield relaying(reactor, link)
+    device, link, client = yield linked(reactor, make_manager(), net, send_then_half_close=down)
     block = os.urandom(MiB)
     digest = hashlib.sha256()
     for i in range(64):
@@ -93,12 +96,7 @@ def test_large_transfer_both_ways_at_once(reactor, make_manager, net):
 
 @pytest_twisted.inlineCallbacks
 def test_client_half_close_passes_fin_after_the_bytes_and_the_reply_comes_back(reactor, make_manager, net):
-    device, dport = net.tcp_device(reply_on_eof=b"got it")
-    link = open_link(make_manager(), "tcp", dport)
-    client = net.tcp_client(link.port)
-    yield within(reactor, client.made)
-    yield within(reactor, device.connected)
-    yield relaying(reactor, link)
+    device, link, client = yield linked(reactor, make_manager(), net, reply_on_eof=b"got it")
     payload = os.urandom(3 * MiB)
     client.transport.write(payload)
     client.transport.loseWriteConnection()
@@ -115,12 +113,7 @@ def test_client_half_close_passes_fin_after_the_bytes_and_the_reply_comes_back(r
 @pytest_twisted.inlineCallbacks
 def test_device_fin_first_client_still_sends(reactor, make_manager, net):
     greeting = os.urandom(2 * MiB)
-    device, dport = net.tcp_device(send_then_half_close=greeting)
-    link = open_link(make_manager(), "tcp", dport)
-    client = net.tcp_client(link.port)
-    yield within(reactor, client.made)
-    yield within(reactor, device.connected)
-    yield relaying(reactor, link)
+    device, link, client = yield linked(reactor, make_manager(), net, send_then_half_close=greeting)
     yield within(reactor, client.eof_d, 30)
     assert bytes(client.received) == greeting and not client.lost.called
     client.transport.write(b"after your FIN")
@@ -218,12 +211,7 @@ def test_a_device_that_stops_reading_blocks_the_client(reactor, make_manager, ne
 
 @pytest_twisted.inlineCallbacks
 def test_a_paused_side_stops_splicing_until_resumed(reactor, make_manager, net):
-    device, dport = net.tcp_device()
-    link = open_link(make_manager(), "tcp", dport)
-    client = net.tcp_client(link.port)
-    yield within(reactor, client.made)
-    yield within(reactor, device.connected)
-    yield relaying(reactor, link)
+    device, link, client = yield linked(reactor, make_manager(), net)
     relay = link.relay
     client.transport.write(b"a" * 1000)
     yield within(reactor, device.peers[0].wait_for(1000))
@@ -244,12 +232,7 @@ def test_encrypted_link_falls_back_to_the_userspace_path(reactor, make_manager, 
     key, iv = os.urandom(32), os.urandom(16)
     ours = Cipher(algorithms.AES(key), modes.CTR(iv))
     enc, dec = ours.encryptor(), ours.decryptor()
-    device, dport = net.tcp_device(echo=True)
-    link = open_link(make_manager(), "tcp", dport, key=key, iv=iv)
-    client = net.tcp_client(link.port)
-    yield within(reactor, client.made)
-    yield within(reactor, device.connected)
-    yield relaying(reactor, link)
+    device, link, client = yield linked(reactor, make_manager(), net, echo=True, link_options=dict(key=key, iv=iv))
     assert link.relay.splice is None
     plain = os.urandom(MiB)
     client.transport.write(enc.update(plain))
@@ -260,12 +243,7 @@ def test_encrypted_link_falls_back_to_the_userspace_path(reactor, make_manager, 
 
 @pytest_twisted.inlineCallbacks
 def test_rate_limited_link_falls_back(reactor, make_manager, net):
-    device, dport = net.tcp_device(echo=True)
-    link = open_link(make_manager(), "tcp", dport, rate_limit=10 * MiB)
-    client = net.tcp_client(link.port)
-    yield within(reactor, client.made)
-    yield within(reactor, device.connected)
-    yield relaying(reactor, link)
+    device, link, client = yield linked(reactor, make_manager(), net, echo=True, link_options=dict(rate_limit=10 * MiB))
     assert link.relay.splice is None
     client.transport.write(b"z" * 70_000)
     got = yield within(reactor, client.wait_for(70_000))
@@ -275,12 +253,7 @@ def test_rate_limited_link_falls_back(reactor, make_manager, net):
 @pytest_twisted.inlineCallbacks
 def test_switched_off_falls_back(reactor, make_manager, net, monkeypatch):
     monkeypatch.setattr(splice_mod, "ENABLED", False)
-    device, dport = net.tcp_device(echo=True)
-    link = open_link(make_manager(), "tcp", dport)
-    client = net.tcp_client(link.port)
-    yield within(reactor, client.made)
-    yield within(reactor, device.connected)
-    yield relaying(reactor, link)
+    device, link, client = yield linked(reactor, make_manager(), net, echo=True)
     assert link.relay.splice is None
     payload = os.urandom(2 * MiB)
     client.transport.write(payload)
@@ -294,12 +267,7 @@ def test_no_pipes_left_falls_back(reactor, make_manager, net, monkeypatch):
         raise OSError(errno.EMFILE, "Too many open files")
 
     monkeypatch.setattr(splice_mod, "_pipe", no_pipe)
-    device, dport = net.tcp_device(echo=True)
-    link = open_link(make_manager(), "tcp", dport)
-    client = net.tcp_client(link.port)
-    yield within(reactor, client.made)
-    yield within(reactor, device.connected)
-    yield relaying(reactor, link)
+    device, link, client = yield linked(reactor, make_manager(), net, echo=True)
     assert link.relay.splice is None
     client.transport.write(b"still relayed")
     got = yield within(reactor, client.wait_for(13))
@@ -312,12 +280,7 @@ def test_devicelink_splice_off_in_the_config_keeps_the_userspace_path(reactor, m
 
     cfg = config.parse_text("[devicelink]\nsplice = off\n").devicelink
     assert cfg.splice is False and config.Config().devicelink.splice is True  # default: auto
-    device, dport = net.tcp_device(echo=True)
-    link = open_link(make_manager(splice=cfg.splice), "tcp", dport)
-    client = net.tcp_client(link.port)
-    yield within(reactor, client.made)
-    yield within(reactor, device.connected)
-    yield relaying(reactor, link)
+    device, link, client = yield linked(reactor, make_manager(splice=cfg.splice), net, echo=True)
     assert link.relay.splice is None
     client.transport.write(b"userspace")
     got = yield within(reactor, client.wait_for(9))
