@@ -190,8 +190,9 @@ class Connection:
         self._down(f"cannot connect to {self.broker}: {failure.getErrorMessage()}")
 
     def _down(self, why: str) -> None:
-        """The connection is gone (or never came): log once per outage, try again after the backoff."""
-        if self.state != "down" or why != self._why_down:
+        """The connection is gone (or never came): log it (once while the reason stays the same),
+        try again after the backoff."""
+        if why != self._why_down:
             self.log.warn("mqtt: {why}; connecting again in {delay:.1f} s", why=why,
                           delay=self._delay)
         self._why_down = why
