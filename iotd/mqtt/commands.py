@@ -92,8 +92,7 @@ class Commands:
                 self._later(key, self._push.command_timeout)
             return
         topic = self._topics.commands(device.tenant, device.identifier)
-        body = dict(cmd.spec())
-        body = {"id": cmd.id, **body}
+        body = {"id": cmd.id, **cmd.spec()}
         if self.connection is not None and self.connection.publish(topic, _dumps(body), self._qos):
             metrics.mqtt_commands.labels("sent" if cmd.attempts == 1 else "resent").inc()
         else:

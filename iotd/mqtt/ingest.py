@@ -130,7 +130,7 @@ class Ingest:
                 self._unknown(route.tenant, identifier)
                 return None
             d = defer.Deferred.fromCoroutine(self._register(route.tenant, identifier))
-            return d.addCallback(lambda dev: self._for_device(dev, route.what, message) if dev else "unknown")
+            return d.addCallback(lambda dev: self._for_device(dev, route.what, message) if dev else "unknown_device")
         return self._for_device(device, route.what, message)
 
     def _for_device(self, device: Any, what: str, message: Any) -> defer.Deferred | str:
@@ -189,8 +189,9 @@ class Ingest:
         self.log.warn("mqtt: dropped a malformed message on {topic}: {why}", topic=message.topic[:200],
                       why=why[:300])
 
-    def _unknown(self, tenant: str, identifier: str) -> None:
-        metrics.mqtt_messages.labels("unknown_device").inc()
+    def _unknown(self, tenant: str, identifier: str, count: bool = True) -> None:
+        if count:
+            metrics.mqtt_messages.labels("unknown_device").inc()
         if (tenant, identifier) not in self._logged and len(self._logged) < LOGGED_UNKNOWN:
             self._logged.add((tenant, identifier))
             self.log.warn("mqtt: dropping messages of unknown device {device} (tenant {tenant}); "
@@ -198,7 +199,7 @@ class Ingest:
 
     async def _register(self, tenant: str, identifier: str) -> Any:
         if self._registry.count(tenant) >= self.max_devices:
-            self._unknown(tenant, identifier)
+            self._unknown(tenant, identifier, count=False)  # (counted once the message is answered)
             return None
         device = self._registry.get(tenant, identifier)
         if device is None:
