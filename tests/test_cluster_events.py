@@ -50,13 +50,20 @@ def test_packets_ingested_on_both_nodes_reach_sockets_on_both_in_one_order_witho
                 assert nodes[name].request("PUT", f"/api/v1/devices/dev-{name}{w}", {}, key=key)[0] == 201
         sockets = {name: Socket(nodes[name], "/api/v1/packets/socket", key) for name in ("a", "b")}
         try:
-            time.sleep(0.3)  # both sockets subscribed (they get only live events: no `after`)
+            # Both sockets are live (they get only live events: no `after`) once a probe reached them.
+            status, probe = nodes["a"].request("POST", "/api/v1/devices/dev-a0/packets", {"payload": "probe"},
+                                               key=key)
+            assert status == 201
+            for s in sockets.values():
+                wait_for(lambda s=s: any(b["id"] == probe["id"] for b in s.bodies()), 20, "the probe on a socket")
             acked = ingest_concurrently(nodes, key, per_writer=75)  # 300 on each node, 4 writers each
             assert len(acked) == 600
-            for s in sockets.values():
-                wait_for(lambda s=s: len(s.bodies()) >= 600, 20, "600 events on a socket")
+            after_probe = {name: (lambda s=s: [b for b in s.bodies() if b["id"] > probe["id"]])
+                           for name, s in sockets.items()}
+            for name in sockets:
+                wait_for(lambda name=name: len(after_probe[name]()) >= 600, 20, "600 events on a socket")
             time.sleep(0.3)  # nothing more (no duplicate) arrives
-            got = {name: s.bodies() for name, s in sockets.items()}
+            got = {name: after_probe[name]() for name in sockets}
         finally:
             for s in sockets.values():
                 s.close()
