@@ -195,7 +195,12 @@ def test_two_nodes_ride_out_postgresql_stopped_for_10_s(tmp_path, pg_server):
             ride = [nodes["a"], nodes["b"]]
             assert ride[0].request("PUT", "/api/v1/devices/d0", {}, key=key)[0] == 201
             sockets = {name: Socket(nodes[name], "/api/v1/readings/socket", key) for name in ("a", "b")}
-            time.sleep(0.3)  # both sockets subscribed (live only: no `after`)
+            # both sockets live (live only: no `after`) once a probe reading reached them
+            status, probe = ride[0].request("POST", "/api/v1/devices/d0/readings", {"data": {"probe": 1}}, key=key)
+            assert status == 201
+            for name, sock in sockets.items():
+                wait_until(lambda sock=sock: any(b["id"] == probe["id"] for b in sock.bodies()), 20,
+                           what=f"the probe on the socket of {name}")
             ride_out_outage(pg_server, url, ride, key)
             stored = sorted(stored_readings(url, "D1"))
             for name, sock in sockets.items():
