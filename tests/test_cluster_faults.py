@@ -52,7 +52,10 @@ def test_kill_9_of_one_node_during_ingest_on_both_loses_nothing_acknowledged_and
         assert a.request("GET", f"/api/v1/commands/{cmd['id']}", key=key)[1]["status"] == "sent"
 
         sock = Socket(b, "/api/v1/readings/socket", key)
-        time.sleep(0.3)
+        # live (no `after`) once a probe reading reached it: the probe is stored like the others
+        status, probe = b.request("POST", "/api/v1/devices/k-b/readings", {"data": {"probe": 1}}, key=key)
+        assert status == 201
+        wait_for(lambda: any(e["id"] == probe["id"] for e in sock.bodies()), 20, "the probe on b's socket")
         acked: dict[str, list] = {"a": [], "b": []}
         stop = threading.Event()
         threads = [threading.Thread(target=writer, args=(nodes[n], key, f"k-{n}", acked[n], stop), daemon=True)
