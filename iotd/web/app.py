@@ -16,17 +16,12 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from iotd import errors
 from iotd.context import Context
-from iotd.logs import Logger
 from iotd.request import respond
+from iotd.web.answers import error_body
 
 
 def make_app(ctx: Context, areas: list[Callable[[Klein, Context], None]]) -> Klein:
     app = Klein()
-    log = Logger(namespace="iotd.web")
-
-    @app.handle_errors(errors.ApiError)
-    def api_error(request, failure):
-        return respond(request, failure.value.status, failure.value.to_json())
 
     @app.handle_errors(HTTPException)
     def http_error(request, failure):
@@ -39,17 +34,9 @@ def make_app(ctx: Context, areas: list[Callable[[Klein, Context], None]]) -> Kle
             err = errors.ApiError(exc.description or exc.name, code="http_error", status=exc.code or 400)
         return respond(request, err.status, err.to_json())
 
-    @app.handle_errors(Exception)
-    def internal(request, failure):
-        from iotd.store import StoreUnavailable
-
-        if failure.check(StoreUnavailable):
-            err = errors.Unavailable("the store is unavailable")
-        else:
-            log.failure("request {method} {path} failed", failure,
-                        method=request.method, path=request.path)
-            err = errors.ApiError("internal error", code="internal", status=500)
-        return respond(request, err.status, err.to_json())
+    @app.handle_errors(Exception)  # ApiError, StoreUnavailable, anything else (logged): as the fast paths
+    def api_error(request, failure):
+        return error_body(request, failure)
 
     for area in areas:
         area(app, ctx)

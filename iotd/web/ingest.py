@@ -25,6 +25,7 @@ from iotd.ingest_items import MAX_BATCH, ota, packet, reading
 from iotd.timefmt import iso, micros_of
 from iotd.context import Context
 from iotd.request import body_size, read_json, require, respond, visible_device
+from iotd.web.site import add_fast_route
 
 _KINDS: dict[str, tuple[str, str, str, Callable[[Any, str], dict]]] = {
     # path part -> (event kind, resource, action, validator)
@@ -61,6 +62,8 @@ def routes(app: Klein, ctx: Context) -> None:
         bodies = [e.body() for e in events]
         return respond(request, 201, bodies if many else bodies[0])
 
+    # The hot path: the site root serves these POSTs before Klein's routing (same handler).
+    add_fast_route(app, b"POST", rb"/api/v1/devices/([^/]+)/(packets|readings|ota)", ingest)
     for part in _KINDS:
         app.route(f"/api/v1/devices/<identifier>/{part}", methods=["POST"], endpoint=f"ingest_{part}")(
             lambda request, identifier, _part=part: ingest(request, identifier, _part)

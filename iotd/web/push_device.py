@@ -34,11 +34,10 @@ from iotd.context import Context
 from iotd.logs import Logger
 from iotd.push import Command, CommandService
 from iotd.request import respond
-from iotd.store import StoreUnavailable
 from iotd.web.push_register import Registrar
+from iotd.web import answers
 from iotd.web.site import add_fast_path
 
-log = Logger()
 
 MAX_ID = 2**63 - 1
 _DEVICE_ID = re.compile(rb"-?[0-9]{1,19}\Z")
@@ -241,59 +240,27 @@ class DeviceResource(Resource):
         else:
             err = errors.MethodNotAllowed(f"method {method.decode('latin-1')[:20]} not allowed here")
             return respond(request, err.status, err.to_json())
-        try:
-            result = handler(request)
-        except Exception:
-            return _error_body(request, Failure())
-        if result is NOT_DONE_YET or isinstance(result, bytes):
-            return result
-        result.addCallbacks(_answer, _failed, callbackArgs=(request,), errbackArgs=(request,))
-        return NOT_DONE_YET
-
-
-def _answer(body: Any, request: Any) -> None:
-    if body is NOT_DONE_YET or request.channel is None:  # answered elsewhere / the device hung up
-        return
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
-
-
-def _failed(failure: Failure, request: Any) -> None:
-    if request.channel is not None:
-        _answer(_error_body(request, failure), request)
+        return answers.render(request, handler)
 
 
 def _handed_out(failure: Failure | None, cmd: Command | None, request: Any) -> None:
     """After the hand-out committed: the command is the poll's answer (None: empty)."""
     if failure is not None:
-        _failed(failure, request)
+        answers.failed(failure, request)
     elif cmd is None:
         request.defaultContentType = None
-        _answer(b"", request)
+        answers.answer(b"", request)
     else:
         request.setHeader(b"content-type", b"application/json")
-        _answer(cmd.payload(), request)
+        answers.answer(cmd.payload(), request)
 
 
 def _completed(failure: Failure | None, cmd: Command | None, request: Any) -> None:
     """After a result committed: the empty 200 that closes the push transaction."""
     if failure is not None:
-        _failed(failure, request)
+        answers.failed(failure, request)
     else:
-        _answer(b"", request)
-
-
-def _error_body(request: Any, failure: Failure) -> bytes:
-    """The JSON error the Klein app would answer (see iotd.web.app.make_app)."""
-    err = failure.value
-    if not isinstance(err, errors.ApiError):
-        if failure.check(StoreUnavailable):
-            err = errors.Unavailable("the store is unavailable")
-        else:
-            log.failure("request {method} {path} failed", failure, method=request.method, path=request.path)
-            err = errors.ApiError("internal error", code="internal", status=500)
-    return respond(request, err.status, err.to_json())
+        answers.answer(b"", request)
 
 
 def device_routes(svc: CommandService):
