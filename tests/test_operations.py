@@ -72,6 +72,10 @@ def test_access_log_redacts_keys_in_any_case_and_in_the_referer_and_logs_413(tmp
         assert status == 413 and body["error"]["code"] == "too_large"
         head = chunked_post(d.port, "/api/v1/devices/big/packets", key, 64 * 1024)
         assert head.startswith(b"HTTP/1.1 413")
+        status, _ = d.request("POST", "/api/v1/devices/big/packets", {"payload": "ok"}, key=key)
+        assert status == 201  # a device's successful send: no access-log line
+        status, _ = d.request("POST", "/api/v1/devices/big/packets", {"payload_encoding": "nope"}, key=key)
+        assert status == 422  # an error answer: one line
     finally:
         assert d.stop() == 0
     log = d.log()
@@ -84,6 +88,8 @@ def test_access_log_redacts_keys_in_any_case_and_in_the_referer_and_logs_413(tmp
     assert len(lines_413) == 2, lines_413  # one line per 413, Content-Length and chunked
     assert any('"POST /api/v1/devices/big/readings HTTP/1.1" 413' in line for line in lines_413)
     assert any('"POST /api/v1/devices/big/packets HTTP/1.1" 413' in line for line in lines_413)
+    posts = [line for line in log.splitlines() if '"POST /api/v1/devices/big/packets HTTP/1.1"' in line]
+    assert [line.split('HTTP/1.1" ')[1][:3] for line in posts] == ["413", "422"], posts
 
 
 # -- CORS ----------------------------------------------------------------------------

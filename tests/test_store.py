@@ -73,6 +73,19 @@ def _noop(conn):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failing_write_taken_alone_leaves_nothing_and_the_next_write_commits(store):
+    """A write the writer takes on its own runs without a savepoint: its failure must still undo it."""
+    for fn in (_boom, _duplicate_key):
+        with pytest.raises(Exception):
+            await store.write(fn)  # awaited one at a time: each batch holds this write alone
+    rows = await store.write(evsql.insert, [("t", "reading", "D", {"after": True})])
+    assert rows[0][0] == 1  # no hole in the ids
+    assert await store.read(lambda c: c.execute(
+        "SELECT count(*) FROM meta WHERE name IN ('half', 'dup')").fetchone()[0]) == 0
+    assert store.health == "ok"
+
+
+@pytest_twisted.ensureDeferred
 async def test_schema_version_recorded(store):
     versions = await store.read(lambda c: [r[0] for r in c.execute("SELECT version FROM schema_version ORDER BY 1")])
     assert versions == [1, 2, 3, 4, 5, 6, 7]  # every migration of iotd/store/schema/<dialect>/, once

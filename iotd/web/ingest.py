@@ -3,7 +3,9 @@
 Each endpoint takes one object or an array of up to 1,000 (one transaction,
 all or nothing: one bad item rejects the whole request with 422 naming its
 index).  The answer (201, the stored event or the array) is sent only after
-the commit.
+the commit.  A 201 has no access-log line (devices send thousands a second:
+the events are in the event log, the answers counted in
+``iotd_http_requests_total``); every error answer has one.
 
 The body has passed :func:`iotd.jsonsafe.loads` (through ``read_json``):
 no lone surrogate, NaN, Infinity or overflowing number reaches the store.
@@ -60,6 +62,7 @@ def routes(app: Klein, ctx: Context) -> None:
         except errors.ItemInvalid as e:
             raise errors.Invalid(f"item {e.index}: {e.message}" if many else e.message) from None
         bodies = [e.body() for e in events]
+        request.quiet = True  # a device's hot path: counted, kept in the event log, not access-logged
         return respond(request, 201, bodies if many else bodies[0])
 
     # The hot path: the site root serves these POSTs before Klein's routing (same handler).

@@ -195,11 +195,15 @@ class SocketFactory(WebSocketServerFactory):
             return sent
         frame = prepared.payloadHybi
         dirty = self._dirty
-        for proto in sockets:
+        for proto in sockets:  # the fan-out's inner loop: keep it lean
             if proto.state == STATE_OPEN:
-                if proto.can_batch():
-                    if proto.queue_frame(frame):
+                if proto._batching and not proto._paused:
+                    box = proto._outbox
+                    if box is None:
+                        proto._outbox = [frame]
                         dirty.append(proto)
+                    else:
+                        box.append(frame)
                 else:
                     proto.sendPreparedMessage(prepared)
                 sent += 1

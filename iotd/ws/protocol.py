@@ -23,7 +23,7 @@
   then only matters for what was queued.
 * Broadcast batching: a broadcast to many sockets (more than
   :data:`FLUSH_FANOUT`) only appends the frame to each socket's outbox
-  (:meth:`SocketProtocol.queue_frame`); once per reactor turn the factory
+  (``_outbox``, when ``_batching`` and not paused); once per reactor turn the factory
   writes every outbox in one eager write (:meth:`SocketProtocol.flush_outbox`),
   so the events of one group commit leave in one ``send`` per socket, after
   the ingest acknowledgements of that turn.  Anything else sent on a socket
@@ -85,6 +85,7 @@ class SocketProtocol(WebSocketServerProtocol):
     _registered = False
     _eager: bool | None = None  # may sendData write to the socket at once? (None: not looked yet)
     _outbox: list | None = None  # broadcast frames waiting for this reactor turn's flush
+    _batching = False  # plain TCP, no compression: set when the socket opens (onOpen)
 
     # -- connection life ------------------------------------------------------
 
@@ -122,6 +123,10 @@ class SocketProtocol(WebSocketServerProtocol):
         self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace") + body)
 
     def onOpen(self) -> None:
+        # May broadcasts queue frames in the outbox (plain TCP, no compression)?  Read in
+        # SocketFactory.broadcast's inner loop, with _paused.
+        self._eager = _can_send_now(self.transport)
+        self._batching = self._eager and self._perMessageCompress is None
         self.log.info("websocket {conn} ({kind}) opened by {host} key {key_id}",
                       conn=self.conn_id, kind=self.kind, host=self.host, key_id=self.key.id)
         self.factory._opened(self)
@@ -208,35 +213,19 @@ class SocketProtocol(WebSocketServerProtocol):
                 self._eager = _can_send_now(transport)
             if self._eager and not transport.dataBuffer and not transport._tempDataLen \
                     and transport.connected and not transport.disconnecting:
-                sent = transport.writeSomeData(data)
-                if sent.__class__ is int:
-                    if sent == len(data):
-                        return
-                    data = data[sent:]  # the kernel took a part: queue the rest (Twisted's path)
-                # an error: Twisted's own write path finds it and closes
+                # transport.writeSomeData without its wrappers (this is the fan-out's inner loop)
+                try:
+                    sent = transport.socket.send(data)
+                except OSError:  # would block, interrupted, or an error Twisted's write path finds
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = data[sent:]  # the kernel took a part: queue the rest (Twisted's path)
         transport.write(data)
         if self._paused:
             self._pending += len(data)
             if self._pending > self.max_buffer and not self._cut:
                 self.too_slow()
-
-    def can_batch(self) -> bool:
-        """May a broadcast queue frames here for :meth:`flush_outbox` (plain TCP, not paused,
-        no compression)?"""
-        eager = self._eager
-        if eager is None:
-            eager = self._eager = _can_send_now(self.transport)
-        return eager and not self._paused and self._perMessageCompress is None and not self.send_queue
-
-    def queue_frame(self, frame: bytes) -> bool:
-        """Queue one whole frame for the next :meth:`flush_outbox`; True if this made the
-        outbox non-empty (the caller then remembers to flush this socket)."""
-        box = self._outbox
-        if box is None:
-            self._outbox = [frame]
-            return True
-        box.append(frame)
-        return False
 
     def flush_outbox(self) -> None:
         """Write the frames broadcasts queued, in one write."""
@@ -246,7 +235,11 @@ class SocketProtocol(WebSocketServerProtocol):
         self._outbox = None
         if self.state == STATE_CLOSED:
             return
-        self._write(box[0] if len(box) == 1 else b"".join(box))
+        data = box[0] if len(box) == 1 else b"".join(box)
+        if self.send_queue:  # Autobahn queued something of its own: keep the order
+            super().sendData(data)
+        else:
+            self._write(data)
 
     def flush(self) -> None:
         """Send what is buffered now instead of when the reactor gets round to it.
