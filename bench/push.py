@@ -13,7 +13,8 @@ Every party is its own process, started from this file with ``--role``:
 Measurements (each run >= 3 times, alternating iotd and peer, medians reported):
 
 - ``push_idle_polls``: idle ``GET /push`` answered per second, every device
-  polling back to back (nothing queued).
+  polling back to back (nothing queued), after one unmeasured round per
+  server (iotd registers the devices then).
 - ``push_roundtrips``: command round trips per second: commands are queued
   over the REST API first (``POST /api/v1/devices/{id}/commands``, that rate
   is reported as ``queue_per_s``), then every device polls, gets its command,
@@ -402,6 +403,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
             runs: dict[str, list[dict]] = {name: [] for name in daemons}
             peer_runs: list[dict] = []
             try:
+                # One unmeasured round each first: iotd registers the devices on their first polls
+                # (a one-time cost a running fleet does not pay), and every server starts warm.
+                for port in [d.port for d in daemons.values()] + [bare.port]:
+                    generate(port, "idle", devices, FIRST_ID, seconds, warmup)
                 for _ in range(reps):
                     for name, iotd in daemons.items():
                         runs[name].append(generate(iotd.port, "idle", devices, FIRST_ID, seconds, warmup))

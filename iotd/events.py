@@ -161,7 +161,7 @@ class Bus:
 
     def publish(self, events: list[Event]) -> None:
         for event in events:
-            metrics.events_published.labels(event.kind).inc()
+            metrics.events_published_kind(event.kind).inc()
             for tenant in (event.tenant, None):
                 for sub in tuple(self._by_tenant.get(tenant, ())):
                     if sub.kinds is None or event.kind in sub.kinds:

@@ -55,3 +55,20 @@ mqtt_messages = Counter("iotd_mqtt_messages_total", "MQTT messages from devices,
                         ["outcome"])
 mqtt_up = Gauge("iotd_mqtt_up", "1 while the connection to the MQTT broker is up")
 mqtt_commands = Counter("iotd_mqtt_commands_total", "Commands published to MQTT devices", ["outcome"])
+
+
+def labelled(metric, cache: dict):
+    """``metric.labels(value)`` for a one-label metric, looked up once per value (a hot path's
+    counters: ``labels`` costs more than the ``inc``).  ``cache`` is the caller's dict; it
+    holds one child per label value, and the values are a small fixed set (statuses, kinds)."""
+    def child(value: str):
+        c = cache.get(value)
+        if c is None:
+            c = cache[value] = metric.labels(value)
+        return c
+    return child
+
+
+http_request_status = labelled(http_requests, {})
+events_published_kind = labelled(events_published, {})
+events_delivered_kind = labelled(events_delivered, {})

@@ -216,6 +216,26 @@ async def test_header_timeout_answers_408_json_to_a_client_that_stopped_sending(
     assert 'iotd_http_connections_closed_total{reason="header_timeout"}' in text
 
 
+@pytest.mark.parametrize("daemon_config", [{"http": {"header_timeout": "1"}}])
+@pytest_twisted.ensureDeferred
+async def test_a_keep_alive_request_whose_headers_stall_gets_408_one_timeout_after_its_first_byte(daemon):
+    """The deadline of a later request on the connection runs from that request's first byte
+    (started while the timer of the request before is still pending, and started later)."""
+    def run(pause: float):
+        with connect(daemon.port) as sock:
+            first = exchange(sock, get("/healthz"))[0]
+            time.sleep(pause)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no blank line: stalled
+            started = time.monotonic()
+            status = read_response(sock)[0]
+            return first, status, time.monotonic() - started
+
+    for pause in (0.3, 1.6):
+        first, status, elapsed = await in_thread(run, pause)
+        assert first == 200
+        assert status == 408 and 0.9 <= elapsed < 3, (pause, status, elapsed)
+
+
 MAX_BODY = 65536
 
 

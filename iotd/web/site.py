@@ -97,7 +97,7 @@ class LimitedRequest(server.Request):
         if site is not None:
             site.log(self)
         else:
-            metrics.http_requests.labels(str(code)).inc()
+            metrics.http_request_status(str(code)).inc()
 
     def requestReceived(self, command, path, version):
         if self._too_large:

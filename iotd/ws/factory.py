@@ -90,7 +90,6 @@ class SocketFactory(WebSocketServerFactory):
         self._drained: list[defer.Deferred] = []
         self.gauge = metrics.ws_connections.labels(self.kind)
         self.slow_dropped = metrics.ws_slow_dropped.labels(self.kind)
-        self._delivered: dict[str, Any] = {}
         self._sub: Any = None
         self._dirty: list[SocketProtocol] = []  # sockets with frames in their outbox
         self._flush_call: Any = None
@@ -220,10 +219,7 @@ class SocketFactory(WebSocketServerFactory):
             proto.flush_outbox()
 
     def delivered(self, event_kind: str, count: int = 1) -> None:
-        counter = self._delivered.get(event_kind)
-        if counter is None:
-            counter = self._delivered[event_kind] = metrics.events_delivered.labels(event_kind)
-        counter.inc(count)
+        metrics.events_delivered_kind(event_kind).inc(count)
 
     # -- shutdown ---------------------------------------------------------------
 
