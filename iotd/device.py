@@ -86,6 +86,7 @@ class Device:
     online: bool = False
     lastSeen: int | None = None  # micros
     lastAddress: str | None = None
+    stored_seen: int | None = attrs.field(default=None, init=False, repr=False)  # lastSeen as last flushed
     _selectors: tuple | None = attrs.field(default=None, init=False, repr=False)
 
     @property

@@ -6,7 +6,11 @@ per-tenant indexes are :mod:`iotd.registry_index`.
 The whole registry lives in memory (loaded at start, written through to the
 store), so per-event membership checks and push polls never touch SQLite.
 Runtime state (``online``, ``lastSeen``, ``lastAddress``) changes in memory
-and is flushed to the store every few seconds.
+and is flushed to the store every :data:`FLUSH_EVERY` seconds: a change of
+``online`` or ``lastAddress`` at the next flush, a ``lastSeen`` that only moved
+on once it is :data:`SEEN_REFRESH` seconds newer than the stored one (and at
+stop).  A device polling every second costs one row write a minute, not one
+every flush; the API answers from memory, which is exact.
 
 Identifiers are case-insensitive and kept upper-case; ``(tenant,
 identifier)`` is unique and ``pushId`` is unique across tenants.
@@ -40,6 +44,8 @@ __all__ = ["FLUSH_EVERY", "PUSH_ID_MAX", "PUSH_ID_MIN", "Device", "Registry", "S
            "normalize_identifier", "validate_device_body"]
 
 FLUSH_EVERY = 5.0
+SEEN_REFRESH = 60.0  # seconds the stored lastSeen may lag behind memory's (while online)
+_SEEN_REFRESH_US = int(SEEN_REFRESH * 1_000_000)
 
 
 _NO_SELECTION: Mapping[str, int] = {}
@@ -79,6 +85,7 @@ class Registry:
         for tenant, ident, doc in await self._store.read(devsql.load_all):
             device = Device(tenant=tenant, identifier=ident, **doc)
             device.online = False  # nobody has polled this run yet
+            device.stored_seen = device.lastSeen
             self._index(device, ordered=False)
         for index in self._tenants.values():
             index.sort()
@@ -91,6 +98,8 @@ class Registry:
     async def stop(self) -> None:
         if self._flush_loop.running:
             self._flush_loop.stop()
+        # lastSeen values that moved on less than SEEN_REFRESH since their last flush (once, at stop)
+        self._dirty.update(key for key, device in self._devices.items() if device.lastSeen != device.stored_seen)
         await self.flush()
 
     def _index(self, device: Device, ordered: bool = True) -> None:
@@ -322,10 +331,14 @@ class Registry:
         self._delete_listeners.append(fn)
 
     def touch(self, device: Device, address: str | None, now_us: int) -> None:
-        """Record activity in memory; the store gets it at the next flush."""
+        """Record activity in memory; the store gets it at the next flush (``lastSeen`` alone only
+        once it moved :data:`SEEN_REFRESH` on: see the module's docstring)."""
         device.lastSeen = now_us
-        if address is not None:
+        stored = device.stored_seen
+        if address is not None and address != device.lastAddress:
             device.lastAddress = address
+        elif stored is not None and now_us - stored < _SEEN_REFRESH_US:
+            return
         self._dirty.add((device.tenant, device.identifier))
 
     def mark(self, device: Device) -> None:
@@ -339,6 +352,7 @@ class Registry:
         for key in self._dirty:
             device = self._devices.get(key)
             if device is not None:
+                device.stored_seen = device.lastSeen
                 rows.append((device.tenant, device.identifier, device.doc()))
         self._dirty = set()
         if rows:

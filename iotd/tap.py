@@ -120,20 +120,6 @@ def tune_gc() -> None:
     import gc
 
     gc.set_threshold(50_000, 20, 100)
-    import os, sys
-    if os.environ.get("IOTD_SWITCH"):
-        sys.setswitchinterval(float(os.environ["IOTD_SWITCH"]))
-    if os.environ.get("IOTD_GCLOG"):
-        import time
-        state = {}
-        def cb(phase, info):
-            if phase == "start":
-                state["t"] = time.perf_counter()
-            else:
-                ms = (time.perf_counter() - state["t"]) * 1000
-                if ms > 0.5 or info["generation"] > 0:
-                    print(f"{time.time():.3f} GC gen{info['generation']} {ms:.2f} ms collected {info['collected']} objs {len(gc.get_objects())}", file=sys.stderr, flush=True)
-        gc.callbacks.append(cb)
 
 
 def makeService(options: Any, reactor: Any = None) -> service.MultiService:

@@ -15,8 +15,9 @@ import treq
 from twisted.internet import defer
 
 from conftest import make_config, stop_daemon
-from iotd import metrics
-from iotd.registry import FLUSH_EVERY
+from prometheus_client import REGISTRY
+
+from iotd.registry import FLUSH_EVERY, SEEN_REFRESH
 from push_helpers import (  # noqa: F401  (fixtures)
     LogLines,
     clocked,
@@ -46,8 +47,9 @@ async def command(d, command_id: int) -> dict:
     return body
 
 
-def count(counter, label: str) -> float:
-    return counter.labels(label)._value.get()
+def count(name: str, outcome: str) -> float:
+    """A counter's value as ``/metrics`` shows it (0 before its first increment)."""
+    return REGISTRY.get_sample_value(name, {"outcome": outcome}) or 0.0
 
 
 @pytest_twisted.ensureDeferred
@@ -155,13 +157,13 @@ async def test_concurrent_first_polls_register_the_device_once(clocked):
 @pytest_twisted.ensureDeferred
 async def test_unknown_device_without_auto_register_gets_empty_200_and_is_counted(clocked):
     d, _ = clocked
-    before = count(metrics.polls, "unknown")
+    before = count("iotd_push_polls_total", "unknown")
     with LogLines() as logs:
         status, body, _ = await poll(d.url, 4242)
         await poll(d.url, 4242)
     assert status == 200 and body is None
     assert d.ctx.registry.by_push_id(4242) is None
-    assert count(metrics.polls, "unknown") == before + 2
+    assert count("iotd_push_polls_total", "unknown") == before + 2
     # logged once, not per poll (the whole line: a port number in another line may contain "4242")
     assert logs.lines.count("poll from unknown deviceId 4242 at 127.0.0.1 ignored") == 1
     status, _ = await post_result(d.url, 4242, {"response": "{}"})
@@ -214,11 +216,11 @@ async def test_result_that_is_not_json_answers_200_and_fails_the_command(clocked
     await d.put_device("gate", pushId=3)
     cmd = await queue(d, "gate", {"endpoint": "load_objects"})
     await poll(d.url, 3)
-    before = count(metrics.results, "malformed")
+    before = count("iotd_push_results_total", "malformed")
     assert await post_result(d.url, 3, raw=b"users=1&x") == (200, b"")
     got = await command(d, cmd["id"])
     assert got["status"] == "failed" and got["error"].startswith("malformed result: ")
-    assert count(metrics.results, "malformed") == before + 1
+    assert count("iotd_push_results_total", "malformed") == before + 1
 
 
 @pytest_twisted.ensureDeferred
@@ -226,10 +228,10 @@ async def test_result_nobody_waits_for_is_an_orphan_answered_200_and_not_stored(
     d, _ = clocked
     await d.put_device("gate", pushId=3)
     cmd = await queue(d, "gate", {"endpoint": "load_objects"})  # queued, not sent
-    before = count(metrics.results, "orphan")
+    before = count("iotd_push_results_total", "orphan")
     assert await post_result(d.url, 3, {"response": "{}"}) == (200, b"")
     assert (await command(d, cmd["id"]))["status"] == "queued"
-    assert count(metrics.results, "orphan") == before + 1
+    assert count("iotd_push_results_total", "orphan") == before + 1
 
 
 @pytest_twisted.ensureDeferred
@@ -266,11 +268,11 @@ async def test_source_outside_allowed_sources_gets_403_empty(clocked):
     d, _ = clocked
     await d.put_device("gate", pushId=3)
     await queue(d, "gate", {"endpoint": "load_objects"})
-    before = count(metrics.polls, "forbidden")
+    before = count("iotd_push_polls_total", "forbidden")
     status, body, _ = await poll(d.url, 3)
     assert (status, body) == (403, None)
     assert await post_result(d.url, 3, {"response": "{}"}) == (403, b"")
-    assert count(metrics.polls, "forbidden") == before + 1
+    assert count("iotd_push_polls_total", "forbidden") == before + 1
     assert d.ctx.registry.get("default", "gate").lastSeen is None  # nothing recorded
     assert [c.status for c in await push_service(d).unfinished_for("default", "GATE")] == ["queued"]
 
@@ -303,6 +305,42 @@ async def test_polls_and_results_update_last_seen_and_reach_the_store_at_the_flu
     finally:
         conn.close()
     assert doc["lastSeen"] == dev.lastSeen and doc["lastAddress"] == "127.0.0.1" and doc["online"] is True
+
+
+def _stored_doc(d, ident: str) -> dict:
+    conn = dbutil.connect(d.ctx.config)
+    try:
+        return json.loads(conn.execute(f"SELECT doc FROM devices WHERE identifier = '{ident}'").fetchone()[0])
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_polling_every_second_is_written_once_a_minute_and_at_stop(clocked):
+    d, clock = clocked
+    await d.put_device("gate", pushId=3)
+    await poll(d.url, 3)
+    first = d.ctx.registry.get("default", "gate").lastSeen
+    clock.advance(FLUSH_EVERY)
+    await d.ctx.store.write(lambda conn: None)  # one writer, FIFO: the flush is committed
+    assert _stored_doc(d, "GATE")["lastSeen"] == first
+    for _ in range(int(SEEN_REFRESH) - 10):  # polls for 50 s more: memory follows, the store does not
+        clock.advance(1)
+        await poll(d.url, 3)
+    await d.ctx.store.write(lambda conn: None)
+    status, body = await d.request("GET", "/api/v1/devices/gate")
+    assert status == 200 and body["lastSeen"] != _stored_doc(d, "GATE")["lastSeen"]
+    assert _stored_doc(d, "GATE")["lastSeen"] == first
+    clock.advance(10)  # a minute after the stored one: the next flush writes it
+    await poll(d.url, 3)
+    clock.advance(FLUSH_EVERY)
+    await d.ctx.store.write(lambda conn: None)
+    latest = d.ctx.registry.get("default", "gate").lastSeen
+    assert _stored_doc(d, "GATE")["lastSeen"] == latest != first
+    clock.advance(1)
+    await poll(d.url, 3)  # moved on a second: written at stop, not before
+    await d.ctx.registry.stop()
+    assert _stored_doc(d, "GATE")["lastSeen"] == d.ctx.registry.get("default", "gate").lastSeen > latest
 
 
 @pytest_twisted.ensureDeferred

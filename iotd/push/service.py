@@ -80,6 +80,8 @@ class CommandService(service.Service):
         self.hand_out = self.polls.hand_out
         self.complete_then = self.polls.complete_then
         self.complete = self.polls.complete
+        # seen(device, address): a poll or result from ``device`` (lastSeen/lastAddress, online, conn event)
+        self.seen = self.presence.seen
         self.ready = False
         self.load_failed = False
         self._ready_waiters: list[defer.Deferred] = []
@@ -335,10 +337,7 @@ class CommandService(service.Service):
 
     # -- device side ----------------------------------------------------------
 
-    def seen(self, device: Any, address: str | None) -> None:
-        """A poll or result from ``device``: lastSeen/lastAddress, online, conn event."""
-        self.presence.seen(device, address)
-
+    # seen(device, address), bound in __init__ from the presence;
     # hand_out_then(device, fn, *args) -> bool, hand_out(device) -> Deferred,
     # complete_then(device, raw, endpoint, fn, *args), complete(device, raw, endpoint) -> Deferred:
     # bound in __init__ from iotd.push.polls.Polls.

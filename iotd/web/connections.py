@@ -88,6 +88,7 @@ class Channel(http.HTTPChannel):
     _headers_due: float | None = None  # when the current request's headers are overdue (None: not counting)
     _header_deadline = None  # one DelayedCall per channel, re-aimed instead of re-created
     _closing = None
+    _clock_seconds = None  # the clock's seconds(), found once
 
     def connectionMade(self):
         super().connectionMade()
@@ -139,8 +140,11 @@ class Channel(http.HTTPChannel):
                 self._header_deadline = self.callLater(self.header_timeout, self._check_headers)
 
     def _seconds(self) -> float:
-        clock = getattr(self.callLater, "__self__", None)  # the reactor (or a test's Clock)
-        return clock.seconds() if clock is not None else time.time()
+        seconds = self._clock_seconds
+        if seconds is None:
+            clock = getattr(self.callLater, "__self__", None)  # the reactor (or a test's Clock)
+            seconds = self._clock_seconds = clock.seconds if clock is not None else time.time
+        return seconds()
 
     def _check_headers(self) -> None:
         self._header_deadline = None
@@ -161,7 +165,7 @@ class Channel(http.HTTPChannel):
         write_error(self.transport, b"408 Request Timeout",
                     errors.ApiError(f"request headers not complete within {self.header_timeout:g} s",
                                     code="header_timeout", status=408))
-        metrics.http_requests.labels("408").inc()
+        metrics.http_request_status(408).inc()
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self.loseConnection()
         # A client that does not read keeps the 408 in our buffer: abort as Twisted's timeout does.
@@ -227,6 +231,6 @@ class Site(server.Site):
                 del self._open[channel.client_host]
 
     def log(self, request):
-        metrics.http_request_status(str(request.code)).inc()
+        metrics.http_request_status(request.code).inc()
         if not getattr(request, "quiet", False):
             super().log(request)

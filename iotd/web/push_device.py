@@ -20,7 +20,6 @@ service's transaction committed.  Unknown deviceIds: :mod:`iotd.web.push_registe
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Any
 
 from klein import Klein
@@ -40,7 +39,6 @@ from iotd.web.site import add_fast_path
 
 
 MAX_ID = 2**63 - 1
-_DEVICE_ID = re.compile(rb"-?[0-9]{1,19}\Z")
 _LOGGED_MAX = 10000
 
 _polls_unknown = metrics.polls.labels("unknown")
@@ -70,10 +68,6 @@ class DeviceSide:
 
     # helpers
 
-    @staticmethod
-    def host_of(request: Any) -> str | None:
-        return getattr(request.getClientAddress(), "host", None)
-
     def allowed(self, host: str | None) -> bool:
         if not self.networks:
             return True
@@ -102,15 +96,6 @@ class DeviceSide:
         request.defaultContentType = None
         return b""
 
-    @staticmethod
-    def device_id(request: Any) -> int:
-        values = request.args.get(b"deviceId")
-        if values and _DEVICE_ID.match(values[0]):
-            value = int(values[0])
-            if -(2**63) <= value <= MAX_ID:
-                return value
-        raise errors.BadRequest("deviceId must be a signed 64-bit integer", code="invalid_device_id")
-
     def unknown(self, device_id: int, host: str | None, what: str) -> None:
         if device_id not in self._logged_unknown:
             if len(self._logged_unknown) > _LOGGED_MAX:
@@ -130,15 +115,18 @@ class DeviceSide:
     def caller(self, request: Any, what: str, forbidden: Any, bad: Any) -> tuple[str | None, int | None, Any]:
         """``(host, device_id, None)`` of a device request, or ``(host, None, answer)`` when its
         address is not allowed; a bad ``deviceId`` raises (400).  Both are counted."""
-        host = self.host_of(request)
+        host = getattr(request.client, "host", None)
         if self.networks and not self.allowed(host):
             forbidden.inc()
             return host, None, self.forbidden(request, host, what)
-        try:
-            return host, self.device_id(request), None
-        except errors.ApiError:
-            bad.inc()
-            raise
+        values = request.args.get(b"deviceId")
+        if values:
+            text = values[0]  # ASCII digits, one optional "-" (bytes.isdigit is ASCII-only; a regex costs 8x)
+            digits = text[1:] if text[:1] == b"-" else text
+            if digits.isdigit() and len(digits) <= 19 and -(2**63) <= (device_id := int(text)) <= MAX_ID:
+                return host, device_id, None
+        bad.inc()
+        raise errors.BadRequest("deviceId must be a signed 64-bit integer", code="invalid_device_id")
 
     def poll(self, request: Any) -> Any:
         host, device_id, refused = self.caller(request, "poll", _polls_forbidden, _polls_bad)

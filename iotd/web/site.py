@@ -97,7 +97,7 @@ class LimitedRequest(server.Request):
         if site is not None:
             site.log(self)
         else:
-            metrics.http_request_status(str(code)).inc()
+            metrics.http_request_status(code).inc()
 
     def requestReceived(self, command, path, version):
         if self._too_large:
@@ -206,6 +206,9 @@ class Root(Resource):
         self._fast = fast_paths or {}
 
     def render(self, request):
+        fast = self._fast.get((request.method, request.path))
+        if fast is not None and self._ready() and not request.requestHeaders.hasHeader(b"origin"):
+            return fast.render(request)  # a device's hot path (a browser's request takes the long way: CORS)
         console = getattr(self, "_console", None)  # the web console's static files (iotd.web.console)
         if console is not None and console.claims(request.path):
             return console.render(request)
