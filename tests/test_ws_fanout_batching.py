@@ -1,11 +1,13 @@
 """Broadcasts to many sockets (more than ``FLUSH_FANOUT``): frames are queued per socket and written
-once per reactor turn (:mod:`iotd.ws.protocol`); every socket still gets every event, in order, one
-per frame, and anything else sent on a socket goes after its queued frames."""
+once per reactor turn (:mod:`iotd.ws.protocol`), in paced rounds of a few sockets per turn
+(:mod:`iotd.ws.factory`); every socket still gets every event, in order, one per frame, and anything
+else sent on a socket goes after its queued frames."""
 
 from __future__ import annotations
 
 import pytest_twisted
 
+from iotd.ws import factory as factory_module
 from iotd.ws.protocol import FLUSH_FANOUT
 from ws_helpers import Client, in_thread, sockets_of, ws_url
 
@@ -74,6 +76,36 @@ async def test_a_close_frame_goes_after_the_frames_queued_before_it(daemon):
                 assert getattr(getattr(e, "rcvd", None), "code", None) == 4000
                 got_close += 1
         assert got_close == 1
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flush_in_chunks_with_events_coming_meanwhile_loses_and_reorders_nothing(daemon, monkeypatch):
+    """A flush writes FLUSH_CHUNK sockets per reactor turn (here 4 of 19: five turns); events
+    committed meanwhile join the outboxes not yet written, or the next (paced) round."""
+    monkeypatch.setattr(factory_module, "FLUSH_CHUNK", 4)
+    await daemon.put_device("gate-01")
+    clients = await open_many(daemon, SOCKETS)
+    try:
+        factory = sockets_of(daemon, "element")
+        rounds = []
+        original = factory._flush_outboxes
+
+        def counted():
+            rounds.append(len(factory._flushing) or len(factory._dirty))
+            original()
+
+        factory._flush_outboxes = counted
+        posts = [daemon.request("POST", "/api/v1/devices/gate-01/packets", {"payload": {"n": i}}) for i in range(20)]
+        stored = [body for status, body in [await p for p in posts] if status == 201]
+        assert len(stored) == 20
+        want = sorted(e["id"] for e in stored)  # published in commit order
+        for client in clients:
+            frames = await client.recv_many(len(want))
+            assert [f[0]["body"]["id"] for f in frames] == want
+        assert len(rounds) >= 5 and max(rounds) <= SOCKETS  # chunked: several turns per round
     finally:
         for client in clients:
             await client.close()
