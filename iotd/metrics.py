@@ -125,6 +125,5 @@ def http_request_status(code: int) -> _HotChild:
     return child
 
 
-
 events_published_kind = labelled(events_published, {})
 events_delivered_kind = labelled(events_delivered, {})
