@@ -103,27 +103,17 @@ mqtt_commands = Counter("iotd_mqtt_commands_total", "Commands published to MQTT 
 
 
 def labelled(metric, cache: dict):
-    """``metric.labels(value)`` for a one-label metric, looked up once per value (a hot path's
-    counters: ``labels`` costs more than the ``inc``).  ``cache`` is the caller's dict; it
-    holds one child per label value, and the values are a small fixed set (statuses, kinds)."""
-    def child(value: str):
+    """``metric.labels(str(value))`` for a one-label metric, looked up once per value (a hot
+    path's counters: ``labels`` costs more than the ``inc``).  ``cache`` is the caller's dict; it
+    holds one child per value, and the values are a small fixed set (statuses, kinds)."""
+    def child(value):
         c = cache.get(value)
         if c is None:
-            c = cache[value] = metric.labels(value)
+            c = cache[value] = metric.labels(str(value))
         return c
     return child
 
 
-_by_status: dict = {}
-
-
-def http_request_status(code: int) -> _HotChild:
-    """The ``iotd_http_requests_total`` child of status ``code`` (an int), looked up once per code."""
-    child = _by_status.get(code)
-    if child is None:
-        child = _by_status[code] = http_requests.labels(str(code))
-    return child
-
-
+http_request_status = labelled(http_requests, {})  # by the status code, an int
 events_published_kind = labelled(events_published, {})
 events_delivered_kind = labelled(events_delivered, {})

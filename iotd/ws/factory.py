@@ -107,8 +107,8 @@ class SocketFactory(WebSocketServerFactory):
         self._dirty: list[SocketProtocol] = []  # sockets with frames in their outbox
         self._flush_call: Any = None
         self._flushing: list[SocketProtocol] = []  # the sockets of the round being written
-        self._flush_ended = 0.0  # when the last flush of the outboxes ended (reactor seconds)
-        self._flush_took = 0.0  # how long it took (the pause before the next one)
+        self._round_took = 0.0  # the reactor's time in the round's writes so far
+        self._next_flush = 0.0  # no round starts before this (reactor seconds): the last one's end + its time
         ctx.keys.add_revoke_listener(self.key_revoked)
 
     # -- the event bus ----------------------------------------------------------
@@ -226,8 +226,7 @@ class SocketFactory(WebSocketServerFactory):
             self.delivered(event_kind, sent)
         if dirty and self._flush_call is None:
             reactor = self.ctx.reactor
-            # Paced: the next flush starts no sooner than the last one lasted after it ended.
-            delay = self._flush_ended + self._flush_took - reactor.seconds()
+            delay = self._next_flush - reactor.seconds()  # paced: see the module's docstring
             self._flush_call = reactor.callLater(delay if delay > 0 else 0, self._flush_outboxes)
         return sent
 
@@ -237,22 +236,22 @@ class SocketFactory(WebSocketServerFactory):
         reactor = self.ctx.reactor
         if not self._flushing:  # a new round: the sockets with frames now
             self._flushing, self._dirty = self._dirty, []
-            self._flush_took = 0.0
+            self._round_took = 0.0
         todo = self._flushing
         began = reactor.seconds()
         for proto in todo[:FLUSH_CHUNK]:
             proto.flush_outbox()
         ended = reactor.seconds()
-        self._flush_took += ended - began
+        self._round_took += ended - began
         if len(todo) > FLUSH_CHUNK:  # the rest in the next turn: what waits (an ingest) runs between
             self._flushing = todo[FLUSH_CHUNK:]
             self._flush_call = reactor.callLater(0, self._flush_outboxes)
             return
         self._flushing = []
-        self._flush_ended = ended
-        self._flush_took = min(self._flush_took, MAX_PACE)
+        pause = min(self._round_took, MAX_PACE)
+        self._next_flush = ended + pause
         if self._dirty:  # frames queued during the round
-            self._flush_call = reactor.callLater(self._flush_took, self._flush_outboxes)
+            self._flush_call = reactor.callLater(pause, self._flush_outboxes)
 
     def delivered(self, event_kind: str, count: int = 1) -> None:
         metrics.events_delivered_kind(event_kind).inc(count)
