@@ -178,11 +178,14 @@ async def test_the_readme_device_example_reports_and_answers_a_command(tmp_path,
 
     daemon = await start_daemon(make_config(tmp_path, {"mqtt": {"broker": broker_for_example.endpoint,
                                                                 "client_id": "iotd-example"}}))
-    example = subprocess.Popen([sys.executable, os.path.join(repo_root(), "examples", "mqtt_device.py"),
-                                "--port", str(broker_for_example.port), "--device", "GATE-01"])
+    example = None
     try:
+        # The device is known and iotd subscribed before the example publishes its first reading
+        # (a reading for an unknown device, or before iotd subscribed, is not kept).
         await daemon.put_device("GATE-01", transport="mqtt")
         await eventually(lambda: daemon.top.getServiceNamed("mqtt").state == "ok", timeout=15)
+        example = subprocess.Popen([sys.executable, os.path.join(repo_root(), "examples", "mqtt_device.py"),
+                                    "--port", str(broker_for_example.port), "--device", "GATE-01"])
         await eventually(lambda: daemon.ctx.registry.get("default", "GATE-01").online, timeout=20)
         status, cmd = await daemon.request("POST", "/api/v1/devices/GATE-01/commands?wait=20",
                                            {"endpoint": "open_door"})
@@ -192,8 +195,9 @@ async def test_the_readme_device_example_reports_and_answers_a_command(tmp_path,
         example.kill()  # gone without a DISCONNECT: its will says offline
         await eventually(lambda: not daemon.ctx.registry.get("default", "GATE-01").online, timeout=60)
     finally:
-        example.kill()
-        example.wait()
+        if example is not None:
+            example.kill()
+            example.wait()
         await stop_daemon(daemon)
 
 
